@@ -1,0 +1,104 @@
+"""What every algorithm is given and must provide.
+
+An algorithm is one class whose ``step()`` reads like the paper's Algorithm box.  It works on
+``x``, a float32 numpy view of the model's flat parameter buffer (writing into ``x`` updates
+the torch model), calls ``grad()`` at most once per step to get the stochastic gradient at the
+current ``x`` on this step's batch, and talks to other ranks only through ``env.comm`` (a
+:class:`qprsgd.comm.Comm`) with payloads produced by ``env.codec``.  It never imports mpi4py,
+h5py or cupy and never knows which codec it runs.
+
+Roles.  ``env.workers`` are the world ranks that compute gradients (the paper's M workers);
+``env.server`` is the rank of a parameter server / centre variable, or None.  A dedicated
+server rank is not a worker: its ``x`` is None and ``grad`` is None in ``step``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from ..codecs.base import Codec
+from ..comm import Comm
+
+
+@dataclass
+class Env:
+    """The runtime an algorithm runs in (built once by the experiment)."""
+
+    comm: Comm                       # all processes of the run
+    d: int                           # number of parameters
+    workers: tuple                   # world ranks that compute gradients, ascending
+    server: Optional[int] = None     # world rank of the server / centre, or None
+    worker_comm: Optional[Comm] = None   # sub-communicator of the workers (None on a dedicated server)
+    codec: Optional[Codec] = None    # the configured compressor (may be None for uncompressed algorithms)
+    rng: Optional[np.random.Generator] = None  # this rank's own generator for codec draws
+    W: Optional[np.ndarray] = None   # mixing matrix over ``workers`` (+ auxiliary nodes), if any
+    blocks: tuple = ()               # parameter-tensor sizes (block boundaries)
+    weight_decay: float = 0.0
+    extra: dict = field(default_factory=dict)  # topology extras (e.g. groups for hierarchical)
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def is_worker(self) -> bool:
+        return self.comm.rank in self.workers
+
+    @property
+    def M(self) -> int:
+        return len(self.workers)
+
+    @property
+    def worker_index(self) -> int:
+        """0-based index of this rank among the workers (the paper's i)."""
+        return self.workers.index(self.comm.rank)
+
+
+GradFn = Callable[[], np.ndarray]
+
+
+class Algorithm:
+    """Base class.  Subclasses implement ``step`` and extend ``state_dict``.
+
+    Class attributes:
+      ``needs_unbiased_codec`` -- refuse a biased codec at config time (DCD/ECD-PSGD).
+      ``uses_codec`` -- the ``codec`` config section applies.
+      ``needs_server`` -- the algorithm has a server / centre role (server placement applies).
+      ``needs_topology`` -- a mixing matrix W is used.
+    """
+
+    name = "algorithm"
+    needs_unbiased_codec = False
+    uses_codec = False
+    needs_server = False
+    needs_topology = False
+
+    def __init__(self, x: Optional[np.ndarray], env: Env):
+        self.x = x
+        self.env = env
+        self.rounds = 0  # communication (synchronization) rounds completed
+
+    def step(self, t: int, lr: float, grad: Optional[GradFn]) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    # weight decay folded into the gradient (algorithms that treat it otherwise override)
+    def _wd(self, g: np.ndarray) -> np.ndarray:
+        if self.env.weight_decay:
+            g = g + self.env.weight_decay * self.x
+        return g
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-identically (numpy arrays and scalars only)."""
+        return {"rounds": self.rounds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rounds = int(state["rounds"])
+
+    @staticmethod
+    def _load_array(dst: np.ndarray, src) -> None:
+        src = np.asarray(src)
+        if src.shape != dst.shape:
+            raise ValueError(f"checkpoint array has shape {src.shape}, expected {dst.shape}")
+        dst[...] = src

@@ -1,0 +1,94 @@
+"""The codec contract.
+
+A codec is configured once for a vector length ``d`` (and, for blockwise codecs, the block
+layout) and then maps a float32 vector to a :class:`Payload` -- the exact bytes that cross MPI --
+and back.  What an algorithm "sends" is ``payload.data``; comm counts those bytes.
+
+Bit accounting: ``payload.nbits`` is the codec's exact, *unpadded* bit count (the formula in
+docs/codecs.md); ``payload.data`` holds ``ceil(nbits / 8)`` bytes, MSB-first, zero-padded to a
+whole byte.  The logger reports the bytes handed to MPI (``8 * len(data)``), so the <= 7 padding
+bits per message are counted on the wire; the unpadded figure is kept as ``payload_bits``.
+
+Decoding is defensive: any malformed buffer (truncated, extended, random bytes, impossible
+code lengths, wrong d) raises :class:`CodecError` -- never another exception, never a hang,
+never an allocation that is not bounded by ``d``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+
+class CodecError(ValueError):
+    """A payload that cannot be decoded, or an input that cannot be encoded (NaN/Inf)."""
+
+
+@dataclass(frozen=True)
+class Payload:
+    """Bytes to send (a 1-D uint8 array of the codec's array module) and their exact bit count."""
+
+    data: Any
+    nbits: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+
+class Codec:
+    """Base class.  Subclasses set ``name``, ``unbiased`` and implement ``encode``/``decode``.
+
+    ``unbiased``: E[decode(encode(x))] == x.  Algorithms that need an unbiased compressor
+    (DCD-PSGD, ECD-PSGD) refuse codecs with ``unbiased = False`` at config time.
+    ``deterministic``: encode uses no random draws.
+    """
+
+    name: str = "codec"
+    unbiased: bool = True
+    deterministic: bool = False
+
+    def __init__(self, d: int, blocks: Optional[Sequence[int]] = None, xp: Any = np):
+        if int(d) < 1:
+            raise ValueError(f"d must be >= 1, got {d!r}")
+        self.d = int(d)
+        self.blocks = tuple(int(b) for b in blocks) if blocks is not None else (self.d,)
+        if sum(self.blocks) != self.d or any(b < 1 for b in self.blocks):
+            raise ValueError(f"blocks must be positive sizes summing to d={self.d}")
+        self.xp = xp
+
+    def encode(self, x, rng=None) -> Payload:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def decode(self, data) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def roundtrip(self, x, rng=None):
+        """``decode(encode(x))`` and the payload: what the receivers will see."""
+        p = self.encode(x, rng)
+        return self.decode(p.data), p
+
+    # helpers shared by codecs ------------------------------------------------------------
+    def _check_input(self, x):
+        xp = self.xp
+        if x.ndim != 1 or x.shape[0] != self.d:
+            raise CodecError(f"{self.name}: expected a vector of length d={self.d}, got shape {tuple(x.shape)}")
+        if not bool(xp.isfinite(x).all()):
+            raise CodecError(f"{self.name}: cannot encode a vector holding NaN or Inf")
+        return x.astype(xp.float32, copy=False)
+
+    def _as_bytes(self, data):
+        xp = self.xp
+        if isinstance(data, Payload):
+            data = data.data
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            data = np.frombuffer(data, dtype=np.uint8)
+            if xp is not np:
+                data = xp.asarray(data)
+        if getattr(data, "dtype", None) != xp.uint8 or data.ndim != 1:
+            raise CodecError(f"{self.name}: payload must be a 1-D uint8 buffer")
+        return data
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(d={self.d})"

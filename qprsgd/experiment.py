@@ -1,0 +1,218 @@
+"""Build everything once: roles, comm groups, topology, model, data shard, codec, algorithm, logger.
+
+Roles.  With M = world size, every rank is a worker.  An algorithm with a server role
+(``needs_server``) and ``run.server: dedicated`` uses the last rank as the server and the
+other M - 1 ranks as workers; with ``run.server: rank0`` rank 0 is both a worker and the
+server.  Workers get ``env.worker_comm``, a sub-communicator of the workers only.
+
+Seeds.  Every stochastic object owns its generator: the model initialisation uses
+``seed`` (identical x_0 on every rank), the data order ``[seed, rank, epoch]`` (datasets.py),
+the codec draws ``np.random.default_rng([seed, 1, rank])``.  Nothing is seeded globally.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from . import __version__
+from .algorithms.base import Algorithm, Env
+from .comm import Comm
+from .config import Config
+from .registry import ALGORITHMS, CODECS, DATASETS, MODELS, TOPOLOGIES
+
+
+class TimedCodec:
+    """Wraps a codec: accumulates encode/decode seconds and the unpadded bits encoded."""
+
+    def __init__(self, codec):
+        self._codec = codec
+        self.seconds = 0.0
+        self.payload_bits = 0
+
+    def encode(self, x, rng=None):
+        t = time.perf_counter()
+        p = self._codec.encode(x, rng)
+        self.seconds += time.perf_counter() - t
+        self.payload_bits += int(p.nbits)
+        return p
+
+    def decode(self, data):
+        t = time.perf_counter()
+        out = self._codec.decode(data)
+        self.seconds += time.perf_counter() - t
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._codec, name)
+
+
+def git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@dataclass
+class Roles:
+    world_size: int
+    workers: tuple
+    server: Optional[int]
+
+    @property
+    def M(self) -> int:
+        return len(self.workers)
+
+
+def roles_for(cfg: Config, world_size: int) -> Roles:
+    cls = ALGORITHMS.get(cfg.algorithm.name).factory
+    if getattr(cls, "needs_server", False):
+        if cfg.run.server == "dedicated":
+            if world_size < 2:
+                raise ValueError("run.server: 'dedicated' needs at least 2 processes (M workers + 1 server); "
+                                 f"got world size {world_size}")
+            return Roles(world_size, tuple(range(world_size - 1)), world_size - 1)
+        return Roles(world_size, tuple(range(world_size)), 0)
+    return Roles(world_size, tuple(range(world_size)), None)
+
+
+def build_topology(cfg: Config, M: int):
+    """Build and check the mixing matrix for M workers (pure math, no MPI)."""
+    if cfg.topology is None:
+        return None
+    entry = TOPOLOGIES.get(cfg.topology.name)
+    topo = entry.factory(M, **cfg.topology.kwargs())
+    cls = ALGORITHMS.get(cfg.algorithm.name).factory
+    rule = getattr(cls, "mixing_rule", "gossip")
+    from .topology import check_mixing
+    check_mixing(topo.W, rule)
+    return topo
+
+
+def preflight(cfg: Config, world_size: int) -> None:
+    """Checks that need the world size; run on rank 0 before any rank starts work."""
+    roles = roles_for(cfg, world_size)
+    try:
+        build_topology(cfg, roles.M)
+    except ValueError as e:
+        raise ValueError(f"topology ({cfg.topology.name}, M={roles.M}): {e}") from None
+
+
+@dataclass
+class Experiment:
+    cfg: Config
+    comm: Comm
+    roles: Roles
+    module: Any
+    flat: Any
+    data: Any
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+    stream: Any
+    codec: Optional[TimedCodec]
+    algorithm: Algorithm
+    topology: Any
+    steps_per_epoch: int
+    total_steps: int
+    out_dir: str
+    loss_name: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def is_worker(self) -> bool:
+        return self.comm.rank in self.roles.workers
+
+    def lr_at(self, t: int) -> float:
+        s = self.cfg.train.schedule
+        lr = self.cfg.train.lr
+        spe = self.steps_per_epoch
+        warm = int(round(s.warmup_epochs * spe))
+        if t < warm:
+            return lr * (t + 1) / warm
+        if s.kind == "step":
+            n = sum(1 for m in s.milestones if t >= int(round(m * spe)))
+            lr = lr * (s.gamma ** n)
+        return lr
+
+
+def build(cfg: Config, world, out_dir: str) -> Experiment:
+    """Build an experiment on this rank.  ``world`` is an mpi4py communicator."""
+    comm = Comm(world)
+    roles = roles_for(cfg, comm.size)
+    rank = comm.rank
+    torch.set_num_threads(cfg.run.threads)
+
+    # comm groups: a sub-communicator of the workers (None on a dedicated server)
+    wc = comm.split(0 if rank in roles.workers else -1)
+
+    # data: every worker loads the dataset and keeps its shard (the partition is identical everywhere)
+    from .datasets import BatchStream, shard
+    dentry = DATASETS.get(cfg.data.name)
+    data = dentry.factory(cfg.data.data_dir, **dict(cfg.data.params))
+    M = roles.M
+    if rank in roles.workers:
+        i = roles.workers.index(rank)
+        train_idx = shard(data.y_train, i, M, scheme=cfg.data.shard, alpha=cfg.data.alpha, seed=cfg.seed)
+        test_idx = shard(data.y_test, i, M, scheme="iid", seed=cfg.seed + 1)
+    else:
+        train_idx = np.zeros(0, dtype=np.int64)
+        test_idx = np.zeros(0, dtype=np.int64)
+    steps_per_epoch = max(1, len(data.y_train) // (M * cfg.train.batch_size))
+    total_steps = max(1, int(round(cfg.train.epochs * steps_per_epoch)))
+    if rank in roles.workers and len(train_idx) < cfg.train.batch_size:
+        raise ValueError(f"worker {rank}: shard of {len(train_idx)} samples is smaller than "
+                         f"train.batch_size={cfg.train.batch_size}")
+    stream = BatchStream(len(train_idx), cfg.train.batch_size, seed=cfg.seed, rank=rank) \
+        if rank in roles.workers else None
+
+    # model: identical x_0 on every rank (seeded by cfg.seed alone)
+    from .models import FlatParams, build_model
+    module = build_model(cfg.model.name, tuple(data.in_shape), data.num_classes, seed=cfg.seed,
+                         **cfg.model.kwargs())
+    flat = FlatParams(module)
+    loss_name = getattr(module, "loss_name", "cross_entropy")
+
+    topo = build_topology(cfg, M)
+
+    cls = ALGORITHMS.get(cfg.algorithm.name).factory
+    codec = None
+    if cfg.codec is not None:
+        centry = CODECS.get(cfg.codec.name)
+        codec = TimedCodec(centry.factory(flat.d, flat.blocks, **cfg.codec.kwargs()))
+    env = Env(
+        comm=comm, d=flat.d, workers=roles.workers, server=roles.server, worker_comm=wc,
+        codec=codec, rng=np.random.default_rng([cfg.seed, 1, rank]),
+        W=None if topo is None else topo.W, blocks=tuple(flat.blocks),
+        weight_decay=cfg.train.weight_decay,
+        extra={} if topo is None else {"topology": topo},
+    )
+    algo = cls(flat.x_numpy(), env, **cfg.algorithm.kwargs())
+    return Experiment(cfg, comm, roles, module, flat, data, train_idx, test_idx, stream, codec, algo,
+                      topo, steps_per_epoch, total_steps, out_dir, loss_name)
+
+
+def run_attrs(cfg: Config, exp: Experiment) -> dict:
+    return {
+        "config_yaml": cfg.to_yaml(),
+        "version": __version__,
+        "git_commit": git_commit(),
+        "world_size": exp.comm.size,
+        "workers": np.asarray(exp.roles.workers, dtype=np.int64),
+        "server": -1 if exp.roles.server is None else exp.roles.server,
+        "algorithm": cfg.algorithm.name,
+        "codec": "" if cfg.codec is None else cfg.codec.name,
+        "d": exp.flat.d,
+        "blocks": np.asarray(exp.flat.blocks, dtype=np.int64),
+        "steps_per_epoch": exp.steps_per_epoch,
+        "total_steps": exp.total_steps,
+        "batch_size": cfg.train.batch_size,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }

@@ -1,0 +1,254 @@
+"""The worker loop: batch -> algorithm.step(t) -> logger.record(...).
+
+Per step t (0-based), every rank calls ``algorithm.step(t, lr_t, grad)``; on a worker ``grad``
+computes the stochastic gradient at the current x on the next batch of this rank's shard
+(time counted as compute); a dedicated server gets ``grad=None``.  Every ``log_every`` steps
+one row of metrics is reduced over ranks (sums of bits and losses, max of times) and rank 0
+appends it; every ``eval_every`` steps and at the end each worker evaluates its own model on
+its test shard and the sums are reduced.  Checkpoints every ``checkpoint_every`` steps.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from .experiment import Experiment
+
+
+def _loss(loss_name, out, y):
+    if loss_name == "mse":
+        return F.mse_loss(out.reshape(y.shape), y, reduction="sum") / y.shape[0]
+    return F.cross_entropy(out, y)
+
+
+class Loop:
+    def __init__(self, exp: Experiment, logger=None):
+        self.exp = exp
+        self.logger = logger  # rank 0 only
+        d = exp.data
+        self.x_train = torch.from_numpy(np.ascontiguousarray(d.x_train))
+        self.y_train = torch.from_numpy(np.ascontiguousarray(d.y_train))
+        self.x_test = torch.from_numpy(np.ascontiguousarray(d.x_test))
+        self.y_test = torch.from_numpy(np.ascontiguousarray(d.y_test))
+        self.t = 0
+        self.wall_offset = 0.0
+        self._reset_row()
+        self.last_eval: Optional[dict] = None
+
+    # -- accounting --------------------------------------------------------------------------
+    def _reset_row(self):
+        self.row_loss = 0.0
+        self.row_loss_n = 0
+        self.row_compute = 0.0
+        self.row_step = 0.0
+        self.row_steps = 0
+        e = self.exp
+        self.row_comm0 = e.comm.seconds + (e.algorithm.env.worker_comm.seconds if e.algorithm.env.worker_comm else 0.0)
+        self.row_codec0 = e.codec.seconds if e.codec is not None else 0.0
+
+    def _comm_seconds(self):
+        e = self.exp
+        wc = e.algorithm.env.worker_comm
+        return e.comm.seconds + (wc.seconds if wc is not None and wc is not e.comm else 0.0)
+
+    def _bytes(self):
+        """(total, up, down, messages) handed to MPI by this rank, all comms."""
+        e = self.exp
+        comms = [e.comm] + ([e.algorithm.env.worker_comm] if e.algorithm.env.worker_comm is not None else [])
+        tot = up = down = msgs = 0
+        for c in comms:
+            for ch, b in c.bytes_sent.items():
+                tot += b
+                up += b if ch == "up" else 0
+                down += b if ch == "down" else 0
+            msgs += sum(c.messages_sent.values())
+        return tot, up, down, msgs
+
+    # -- gradient oracle ---------------------------------------------------------------------
+    def make_grad(self):
+        e = self.exp
+
+        def grad():
+            t0 = time.perf_counter()
+            idx, _ = e.stream.next()
+            gi = torch.from_numpy(e.train_idx[idx])
+            xb, yb = self.x_train[gi], self.y_train[gi]
+            e.module.train()
+            e.flat.zero_grad()
+            out = e.module(xb)
+            loss = _loss(e.loss_name, out, yb)
+            loss.backward()
+            self.row_loss += float(loss.detach())
+            self.row_loss_n += 1
+            self.row_compute += time.perf_counter() - t0
+            return e.flat.grad_numpy()
+
+        return grad
+
+    # -- evaluation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        e = self.exp
+        loss_sum = correct = n = 0.0
+        if e.is_worker and len(e.test_idx):
+            e.module.eval()
+            for s in range(0, len(e.test_idx), 1024):
+                gi = torch.from_numpy(e.test_idx[s:s + 1024])
+                xb, yb = self.x_test[gi], self.y_test[gi]
+                out = e.module(xb)
+                if e.loss_name == "mse":
+                    loss_sum += float(F.mse_loss(out.reshape(yb.shape), yb, reduction="sum"))
+                else:
+                    loss_sum += float(F.cross_entropy(out, yb, reduction="sum"))
+                    correct += float((out.argmax(1) == yb).sum())
+                n += len(gi)
+        # consensus distance among workers: mean_i ||x_i - xbar||^2 / ||xbar||^2
+        cons = 0.0
+        wc = e.algorithm.env.worker_comm
+        if e.is_worker:
+            x = e.flat.x_numpy().astype(np.float64)
+            xbar = x.copy()
+            wc.allreduce_mean(xbar, count=False)
+            cons_local = float(np.sum((x - xbar) ** 2))
+            nb = float(np.sum(xbar ** 2))
+        else:
+            cons_local, nb = 0.0, 0.0
+        tot = e.comm.allreduce_scalars([loss_sum, correct, n, cons_local])
+        nbar = e.comm.allreduce_scalars([nb], op="max")[0]
+        loss = tot[0] / max(tot[2], 1.0)
+        acc = float("nan") if e.loss_name == "mse" else tot[1] / max(tot[2], 1.0)
+        cons = tot[3] / e.roles.M / nbar if nbar > 0 else 0.0
+        return {"test_loss": loss, "test_accuracy": acc, "consensus": cons}
+
+    # -- checkpoint ---------------------------------------------------------------------------
+    def save_checkpoint(self, elapsed: float):
+        e = self.exp
+        rows = self.logger.rows() if self.logger is not None else {}
+        arrays = {"x": e.flat.x_numpy()}
+        for k, v in e.algorithm.state_dict().items():
+            arrays["alg/" + k] = v
+        for k, v in e.flat.buffers_state().items():
+            arrays["buf/" + k] = v
+        comms = {"world": e.comm}
+        if e.algorithm.env.worker_comm is not None:
+            comms["workers"] = e.algorithm.env.worker_comm
+        meta = {
+            "t": self.t,
+            "rng_alg": ckpt.rng_state(e.algorithm.env.rng),
+            "stream": e.stream.state_dict() if e.stream is not None else None,
+            "comm": {k: {"bytes": dict(c.bytes_sent), "messages": dict(c.messages_sent), "seconds": c.seconds}
+                     for k, c in comms.items()},
+            "codec": None if e.codec is None else {"seconds": e.codec.seconds, "payload_bits": e.codec.payload_bits},
+            "wall": self.wall_offset + elapsed,
+        }
+        ckpt.save_rank(e.out_dir, e.comm.rank, self.t, arrays, meta)
+        e.comm.barrier()
+        if e.comm.rank == 0:
+            ckpt.commit(e.out_dir, self.t, {"rows": rows, "world_size": e.comm.size})
+        e.comm.barrier()
+
+    def load_checkpoint(self, info: dict):
+        e = self.exp
+        arrays, meta = ckpt.load_rank(e.out_dir, e.comm.rank, int(info["step"]))
+        e.flat.x_numpy()[...] = arrays["x"]
+        e.algorithm.load_state_dict({k[4:]: v for k, v in arrays.items() if k.startswith("alg/")})
+        e.flat.load_buffers_state({k[4:]: v for k, v in arrays.items() if k.startswith("buf/")})
+        ckpt.set_rng_state(e.algorithm.env.rng, meta["rng_alg"])
+        if e.stream is not None:
+            e.stream.load_state_dict(meta["stream"])
+        comms = {"world": e.comm}
+        if e.algorithm.env.worker_comm is not None:
+            comms["workers"] = e.algorithm.env.worker_comm
+        for k, c in comms.items():
+            c.bytes_sent.clear()
+            c.bytes_sent.update(meta["comm"][k]["bytes"])
+            c.messages_sent.clear()
+            c.messages_sent.update(meta["comm"][k]["messages"])
+            c.seconds = meta["comm"][k]["seconds"]
+        if e.codec is not None:
+            e.codec.seconds = meta["codec"]["seconds"]
+            e.codec.payload_bits = meta["codec"]["payload_bits"]
+        self.t = int(meta["t"])
+        self.wall_offset = float(meta["wall"])
+        self._reset_row()
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _log_row(self, lr: float, elapsed: float):
+        e = self.exp
+        tot, up, down, msgs = self._bytes()
+        pbits = e.codec.payload_bits if e.codec is not None else 0
+        sums = e.comm.allreduce_scalars([self.row_loss, self.row_loss_n, tot, up, down, msgs, pbits])
+        maxes = e.comm.allreduce_scalars(
+            [self.row_compute, (e.codec.seconds if e.codec else 0.0) - self.row_codec0,
+             self._comm_seconds() - self.row_comm0, self.row_step], op="max")
+        per_rank = e.comm.gather_rows([msgs, tot])
+        if self.logger is not None:
+            self.logger.record("metrics", {
+                "step": self.t, "epoch": self.t / e.steps_per_epoch, "rounds": e.algorithm.rounds, "lr": lr,
+                "train_loss": sums[0] / sums[1] if sums[1] else float("nan"),
+                "bits_sent": int(8 * sums[2]), "bits_up": int(8 * sums[3]), "bits_down": int(8 * sums[4]),
+                "payload_bits": int(sums[6]), "messages": int(sums[5]),
+                "wall_time": self.wall_offset + elapsed,
+                "t_compute": maxes[0], "t_codec": maxes[1], "t_comm": maxes[2], "t_step": maxes[3],
+                "steps": self.row_steps,
+            }, per_rank=(per_rank[:, 0].astype(np.int64), per_rank[:, 1].astype(np.int64)))
+        self._reset_row()
+        return sums
+
+    def _eval_row(self, elapsed: float):
+        e = self.exp
+        ev = self.evaluate()
+        tot = e.comm.allreduce_scalars([self._bytes()[0]])[0]
+        row = {"step": self.t, "epoch": self.t / e.steps_per_epoch, "rounds": e.algorithm.rounds,
+               "bits_sent": int(8 * tot), "wall_time": self.wall_offset + elapsed, **ev}
+        self.last_eval = row
+        if self.logger is not None:
+            self.logger.record("eval", row)
+            self.logger.flush()
+            if e.cfg.run.progress:
+                acc = row["test_accuracy"]
+                print(f"epoch {row['epoch']:6.2f}  step {self.t:6d}  loss {row['test_loss']:.4f}  "
+                      f"acc {acc:.4f}  bits {row['bits_sent']:.3e}  elapsed {row['wall_time']:.1f}s",
+                      flush=True)
+
+    def run(self, stop_after: Optional[int] = None) -> None:
+        """Train to ``total_steps`` (or stop after ``stop_after`` steps: tests)."""
+        e = self.exp
+        tr = e.cfg.train
+        grad = self.make_grad() if e.is_worker else None
+        start = time.perf_counter()
+        if self.t == 0:
+            self._eval_row(0.0)
+        lr = e.lr_at(self.t)
+        while self.t < e.total_steps:
+            if stop_after is not None and self.t >= stop_after:
+                return
+            lr = e.lr_at(self.t)
+            t0 = time.perf_counter()
+            e.algorithm.step(self.t, lr, grad)
+            self.row_step += time.perf_counter() - t0
+            self.row_steps += 1
+            self.t += 1
+            elapsed = time.perf_counter() - start
+            if self.t % tr.log_every == 0 or self.t == e.total_steps:
+                self._log_row(lr, elapsed)
+            if self.t % tr.eval_every == 0 or self.t == e.total_steps:
+                self._eval_row(time.perf_counter() - start)
+            if tr.checkpoint_every and self.t % tr.checkpoint_every == 0 and self.t < e.total_steps:
+                if self.row_steps:
+                    self._log_row(lr, elapsed)
+                self.save_checkpoint(time.perf_counter() - start)
+        if self.logger is not None:
+            self.logger.flush()
+
+    def final_params(self) -> Optional[np.ndarray]:
+        """Gather every rank's flat parameters to rank 0 (world_size x d float32)."""
+        e = self.exp
+        return e.comm.gather_vectors(np.ascontiguousarray(e.flat.x_numpy(), dtype=np.float32))
