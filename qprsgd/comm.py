@@ -40,6 +40,8 @@ def install_abort_on_error(mpi_comm) -> None:
 
     Without this a raise on one rank while another waits in ``Recv`` hangs forever.
     """
+    if getattr(sys.excepthook, "_qprsgd_abort", False):
+        return
     prev = sys.excepthook
 
     def hook(etype, value, tb):
@@ -52,6 +54,7 @@ def install_abort_on_error(mpi_comm) -> None:
             if mpi_comm.Get_size() > 1:
                 mpi_comm.Abort(1)
 
+    hook._qprsgd_abort = True
     sys.excepthook = hook
 
 

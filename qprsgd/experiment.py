@@ -131,16 +131,28 @@ class Experiment:
         return self.comm.rank in self.roles.workers
 
     def lr_at(self, t: int) -> float:
-        s = self.cfg.train.schedule
-        lr = self.cfg.train.lr
-        spe = self.steps_per_epoch
-        warm = int(round(s.warmup_epochs * spe))
-        if t < warm:
-            return lr * (t + 1) / warm
-        if s.kind == "step":
-            n = sum(1 for m in s.milestones if t >= int(round(m * spe)))
-            lr = lr * (s.gamma ** n)
-        return lr
+        return learning_rate(self.cfg.train, self.steps_per_epoch, t)
+
+
+def learning_rate(train, steps_per_epoch: int, t: int) -> float:
+    """η_t for 0-based step t: linear warm-up over ``warmup_epochs``, then ×gamma at each milestone
+    epoch passed (the decay applies from step round(milestone × steps_per_epoch) on)."""
+    s = train.schedule
+    lr = train.lr
+    warm = int(round(s.warmup_epochs * steps_per_epoch))
+    if t < warm:
+        return lr * (t + 1) / warm
+    if s.kind == "step":
+        n = sum(1 for m in s.milestones if t >= int(round(m * steps_per_epoch)))
+        lr = lr * (s.gamma ** n)
+    return lr
+
+
+def schedule_lengths(train, n_train: int, M: int) -> tuple[int, int]:
+    """(steps_per_epoch, total_steps): an epoch is one pass of all M workers over the training
+    set, ``n_train // (M × batch_size)`` steps; each worker cycles its own shard."""
+    spe = max(1, n_train // (M * train.batch_size))
+    return spe, max(1, int(round(train.epochs * spe)))
 
 
 def build(cfg: Config, world, out_dir: str) -> Experiment:
@@ -165,8 +177,7 @@ def build(cfg: Config, world, out_dir: str) -> Experiment:
     else:
         train_idx = np.zeros(0, dtype=np.int64)
         test_idx = np.zeros(0, dtype=np.int64)
-    steps_per_epoch = max(1, len(data.y_train) // (M * cfg.train.batch_size))
-    total_steps = max(1, int(round(cfg.train.epochs * steps_per_epoch)))
+    steps_per_epoch, total_steps = schedule_lengths(cfg.train, len(data.y_train), M)
     if rank in roles.workers and len(train_idx) < cfg.train.batch_size:
         raise ValueError(f"worker {rank}: shard of {len(train_idx)} samples is smaller than "
                          f"train.batch_size={cfg.train.batch_size}")

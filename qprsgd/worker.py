@@ -20,12 +20,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .experiment import Experiment
-
-
-def _loss(loss_name, out, y):
-    if loss_name == "mse":
-        return F.mse_loss(out.reshape(y.shape), y, reduction="sum") / y.shape[0]
-    return F.cross_entropy(out, y)
+from .models import loss_fn
 
 
 class Loop:
@@ -74,6 +69,7 @@ class Loop:
     # -- gradient oracle ---------------------------------------------------------------------
     def make_grad(self):
         e = self.exp
+        lossf = loss_fn(e.module)
 
         def grad():
             t0 = time.perf_counter()
@@ -83,7 +79,7 @@ class Loop:
             e.module.train()
             e.flat.zero_grad()
             out = e.module(xb)
-            loss = _loss(e.loss_name, out, yb)
+            loss = lossf(out, yb)
             loss.backward()
             self.row_loss += float(loss.detach())
             self.row_loss_n += 1
