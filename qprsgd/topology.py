@@ -731,25 +731,48 @@ class TopologyReport:
     dqpr: dict                              # D-Q-PR-SGD Theorem 2 pre-flight
     elastic: Optional[dict]                 # W_alpha / W' closed forms (cooperative-sgd)
 
+    _FIELDS = (
+        "name", "M", "v", "eigenvalues", "rho", "mu", "zeta", "neighbours", "weights", "gossip_ok",
+        "gossip_problem", "groups", "meta", "dcd", "dqpr", "elastic",
+    )
+
     def to_dict(self) -> dict:
-        return {
-            k: getattr(self, k)
-            for k in (
-                "name", "M", "v", "eigenvalues", "rho", "mu", "zeta", "neighbours", "weights", "gossip_ok",
-                "gossip_problem", "groups", "meta", "dcd", "dqpr", "elastic",
-            )
-        }
+        return {k: getattr(self, k) for k in self._FIELDS}
+
+    # read-only mapping access, so callers may treat the report as a dict
+    def keys(self):
+        return self.to_dict().keys()
+
+    def items(self):
+        return self.to_dict().items()
+
+    def __getitem__(self, key: str):
+        if key not in self._FIELDS:
+            raise KeyError(key)
+        return getattr(self, key)
+
+
+def _one_alpha(alpha_codec: Optional[float], alpha: Optional[float]) -> Optional[float]:
+    if alpha_codec is not None and alpha is not None and float(alpha_codec) != float(alpha):
+        raise ValueError(f"give the codec alpha once (alpha_codec={alpha_codec}, alpha={alpha})")
+    return alpha_codec if alpha_codec is not None else alpha
 
 
 def report(
-    topo: Topology, alpha_codec: Optional[float] = None, *, d: Optional[int] = None, s: Optional[float] = None
+    topo: Topology,
+    alpha_codec: Optional[float] = None,
+    *,
+    alpha: Optional[float] = None,
+    d: Optional[int] = None,
+    s: Optional[float] = None,
 ) -> TopologyReport:
     """Spectral pre-flight of a topology.
 
-    ``alpha_codec``: the codec's compression alpha of dcd-ecd Assumption 1.5 (L194), a float
-    (codec knowledge stays outside); ``d``, ``s``: the dimension and QSGD level for
-    quantized-pr-sgd Theorem 2.
+    ``alpha_codec`` (or keyword ``alpha``, the same thing): the codec's compression alpha of
+    dcd-ecd Assumption 1.5 (L194), a float (codec knowledge stays outside); ``d``, ``s``: the
+    dimension and QSGD level for quantized-pr-sgd Theorem 2.
     """
+    alpha_codec = _one_alpha(alpha_codec, alpha)
     rho, mu = topo.rho, topo.mu
     bound, strict = dcd_alpha_bound(rho, mu), dcd_alpha_bound(rho, mu, strict=True)
     dcd: dict[str, Any] = {"bound": bound, "strict_bound": strict, "alpha": None}
@@ -820,6 +843,7 @@ def format_report(
     topo: Topology,
     alpha_codec: Optional[float] = None,
     *,
+    alpha: Optional[float] = None,
     d: Optional[int] = None,
     s: Optional[float] = None,
     max_nodes: int = 64,
@@ -827,7 +851,7 @@ def format_report(
     """Human-readable :func:`report` for ``qprsgd topo``: neighbours with weights, rho, mu, zeta,
     and a verdict line for DCD-PSGD Theorem 1 given the codec's alpha (a line starting with
     ``WARNING:`` when the condition is broken)."""
-    r = report(topo, alpha_codec, d=d, s=s)
+    r = report(topo, _one_alpha(alpha_codec, alpha), d=d, s=s)
     meta = ", ".join(f"{k} = {v}" for k, v in r.meta.items())
     out = [f"topology {r.name}: M = {r.M} workers, v = {r.v} auxiliary node(s), n = {r.M + r.v}"
            + (f" ({meta})" if meta else "")]

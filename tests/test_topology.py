@@ -370,6 +370,8 @@ def test_report_dcd_verdicts():
     assert T.report(t, bound / math.sqrt(2) * 0.99).dcd["ok_strict"]
     assert r.neighbours[0] == [1, 7] and r.rho == t.rho and r.mu == t.mu and r.zeta == t.zeta
     assert r.to_dict()["dcd"]["alpha"] == pytest.approx(bound * 1.01)
+    assert r["rho"] == t.rho and dict(r.items())["mu"] == t.mu  # mapping access
+    assert T.report(t, alpha=bound * 1.01).dcd == r.dcd  # keyword alias
     # J: rho = 0, mu = 1 -> bound 1/2; a single node: mu = 0, any alpha
     j = build("complete", 4)
     assert T.report(j, 0.49).dcd["ok"] and not T.report(j, 0.51).dcd["ok"]
@@ -393,6 +395,7 @@ def test_format_report_lines():
     bad = T.format_report(t, 0.1)
     warn = [ln for ln in bad.splitlines() if ln.startswith("WARNING")]
     assert len(warn) == 1 and "DCD-PSGD Theorem 1" in warn[0] and "0.0732" in warn[0]
+    assert T.format_report(t, alpha=0.1) == bad
     plain = T.format_report(t)
     assert "WARNING" not in plain and "0.0732233" in plain
     h = T.format_report(build("hierarchical", 8, groups=2))
