@@ -51,6 +51,10 @@ EVAL_COLUMNS = {
 }
 
 
+CHANNELS = ("allreduce", "allgather", "peer", "up", "down", "other")
+"""Columns of ``metrics/channel_bytes`` and ``metrics/channel_messages`` (see qprsgd/comm.py)."""
+
+
 class Logger:
     def __init__(self, path: str, *, attrs: Optional[dict] = None, world_size: int = 1,
                  resume_rows: Optional[dict] = None, flush_rows: int = 100):
@@ -70,11 +74,17 @@ class Logger:
                         ds = g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(1024,))
                         ds.attrs["description"] = desc
                 g = f["metrics"]
-                for name, desc in (("messages_per_rank", "cumulative messages each rank handed to MPI"),
-                                   ("bytes_per_rank", "cumulative bytes each rank handed to MPI")):
-                    ds = g.create_dataset(name, shape=(0, world_size), maxshape=(None, world_size),
-                                          dtype="i8", chunks=(256, world_size))
+                for name, desc, width in (
+                        ("messages_per_rank", "cumulative messages each rank handed to MPI", world_size),
+                        ("bytes_per_rank", "cumulative bytes each rank handed to MPI", world_size),
+                        ("channel_bytes", "cumulative bytes handed to MPI per channel, summed over ranks",
+                         len(CHANNELS)),
+                        ("channel_messages", "cumulative messages per channel, summed over ranks", len(CHANNELS))):
+                    ds = g.create_dataset(name, shape=(0, width), maxshape=(None, width),
+                                          dtype="i8", chunks=(256, width))
                     ds.attrs["description"] = desc
+                    if name.startswith("channel"):
+                        ds.attrs["channels"] = ",".join(CHANNELS)
             os.replace(tmp, path)
         else:
             with h5py.File(path, "a") as f:
@@ -129,7 +139,8 @@ class Logger:
             pr = self._buf["per_rank"]
             if pr and pr[0] is not None:
                 g = f["metrics"]
-                for i, name in enumerate(("messages_per_rank", "bytes_per_rank")):
+                for i, name in enumerate(("messages_per_rank", "bytes_per_rank", "channel_bytes",
+                                          "channel_messages")):
                     ds = g[name]
                     n = ds.shape[0]
                     ds.resize(n + len(pr), axis=0)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .experiment import Experiment
+from .logger import CHANNELS
 from .models import loss_fn
 
 
@@ -65,6 +66,19 @@ class Loop:
                 down += b if ch == "down" else 0
             msgs += sum(c.messages_sent.values())
         return tot, up, down, msgs
+
+    def _channels(self):
+        """Per-channel (bytes, messages) of this rank, in logger.CHANNELS order."""
+        e = self.exp
+        comms = [e.comm] + ([e.algorithm.env.worker_comm] if e.algorithm.env.worker_comm is not None else [])
+        b = dict.fromkeys(CHANNELS, 0)
+        m = dict.fromkeys(CHANNELS, 0)
+        for c in comms:
+            for ch, v in c.bytes_sent.items():
+                b[ch if ch in b else "other"] += v
+            for ch, v in c.messages_sent.items():
+                m[ch if ch in m else "other"] += v
+        return [b[k] for k in CHANNELS] + [m[k] for k in CHANNELS]
 
     # -- gradient oracle ---------------------------------------------------------------------
     def make_grad(self):
@@ -180,7 +194,11 @@ class Loop:
         e = self.exp
         tot, up, down, msgs = self._bytes()
         pbits = e.codec.payload_bits if e.codec is not None else 0
-        sums = e.comm.allreduce_scalars([self.row_loss, self.row_loss_n, tot, up, down, msgs, pbits])
+        sums = e.comm.allreduce_scalars([self.row_loss, self.row_loss_n, tot, up, down, msgs, pbits]
+                                        + self._channels())
+        nch = len(CHANNELS)
+        ch_bytes = sums[7:7 + nch].astype(np.int64)
+        ch_msgs = sums[7 + nch:].astype(np.int64)
         maxes = e.comm.allreduce_scalars(
             [self.row_compute, (e.codec.seconds if e.codec else 0.0) - self.row_codec0,
              self._comm_seconds() - self.row_comm0, self.row_step], op="max")
@@ -194,7 +212,7 @@ class Loop:
                 "wall_time": self.wall_offset + elapsed,
                 "t_compute": maxes[0], "t_codec": maxes[1], "t_comm": maxes[2], "t_step": maxes[3],
                 "steps": self.row_steps,
-            }, per_rank=(per_rank[:, 0].astype(np.int64), per_rank[:, 1].astype(np.int64)))
+            }, per_rank=(per_rank[:, 0].astype(np.int64), per_rank[:, 1].astype(np.int64), ch_bytes, ch_msgs))
         self._reset_row()
         return sums
 
