@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("config")
     t.add_argument("-n", "--workers", type=int, default=None, help="number of workers M (default: from mpiexec)")
     t.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
+    sub.add_parser("list", help="list registered algorithms, codecs, topologies, models and datasets")
     for name, mod in _EXTRA.items():
         mod_add = __import__(f"qprsgd.{mod}", fromlist=["add_parser"]).add_parser
         mod_add(sub)
@@ -177,6 +178,13 @@ def main(argv=None) -> int:
         return cmd_run(args)
     if args.cmd == "topo":
         return cmd_topo(args)
+    if args.cmd == "list":
+        from .registry import ALGORITHMS, CODECS, DATASETS, MODELS, TOPOLOGIES
+        for reg in (ALGORITHMS, CODECS, TOPOLOGIES, MODELS, DATASETS):
+            print(f"{reg.plural}:")
+            for n in reg.names():
+                print(f"  {n:22s} {reg.get(n).doc}")
+        return 0
     mod = __import__(f"qprsgd.{_EXTRA[args.cmd]}", fromlist=["main"])
     return mod.main(args)
 

@@ -59,7 +59,7 @@ class TrainConfig(_Strict):
     schedule: ScheduleConfig = ScheduleConfig()
     weight_decay: float = Field(0.0, ge=0)
     eval_every: int = Field(50, ge=1, description="steps between evaluations (also at the end)")
-    log_every: int = Field(1, ge=1, description="steps per metrics row")
+    log_every: int = Field(10, ge=1, description="steps per metrics row")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = never")
     target_accuracy: Optional[float] = Field(None, gt=0, le=1)
 
@@ -139,7 +139,7 @@ def _section(reg: Registry, key: str, raw: Any, problems: list[str]) -> Optional
         problems.append(f"{key}: must be a mapping with a 'name' key (got {raw!r})")
         return None
     if "name" not in raw:
-        problems.append(f"{key}.name: required; known {reg.kind}s: {', '.join(reg.names())}")
+        problems.append(f"{key}.name: required; known {reg.plural}: {', '.join(reg.names())}")
         return None
     name = raw["name"]
     try:

@@ -28,8 +28,9 @@ class Entry:
 
 
 class Registry:
-    def __init__(self, kind: str, package: Optional[str] = None):
+    def __init__(self, kind: str, package: Optional[str] = None, plural: Optional[str] = None):
         self.kind = kind
+        self.plural = plural or kind + "s"
         self._package = package
         self._entries: dict[str, Entry] = {}
         self._loaded = package is None
@@ -65,12 +66,12 @@ class Registry:
             return self._entries[name]
         except KeyError:
             raise UnknownNameError(
-                f"unknown {self.kind} {name!r}; known {self.kind}s: {', '.join(self.names())}"
+                f"unknown {self.kind} {name!r}; known {self.plural}: {', '.join(self.names())}"
             ) from None
 
 
 ALGORITHMS = Registry("algorithm", "qprsgd.algorithms")
 CODECS = Registry("codec", "qprsgd.codecs")
-TOPOLOGIES = Registry("topology", "qprsgd.topology")
+TOPOLOGIES = Registry("topology", "qprsgd.topology", plural="topologies")
 MODELS = Registry("model", "qprsgd.models")
 DATASETS = Registry("dataset", "qprsgd.datasets")
