@@ -1,0 +1,100 @@
+#!/usr/bin/env python
+"""Per-step time breakdown of PSGD under real MPI, and the runner's own overhead.
+
+    python scripts/bench_step.py [--ranks 1,2,4] [--models mlp,resnet20] [--steps 60]
+
+For each model and rank count it runs ``mpiexec -n N qprsgd run`` and reads the HDF5 log:
+per step (mean over the measured rows, the first row excluded as warm-up) the compute
+(forward/backward + batch), codec, comm (inside MPI) and other (the algorithm's own arithmetic)
+times -- each the max over ranks -- and the runner's overhead: the share of wall time spent
+outside ``algorithm.step`` (metrics reduction, logging, loop), (Δwall − Σ t_step) / Δwall.
+
+ResNet-20 runs on a synthetic CIFAR-10 set written in the real binary format to a temp folder.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def write_cifar(dirname: str, n_train: int = 2048, n_test: int = 256) -> str:
+    rng = np.random.default_rng(0)
+    d = os.path.join(dirname, "cifar-10-batches-bin")
+    os.makedirs(d, exist_ok=True)
+    per = n_train // 5
+    for k in range(1, 6):
+        rec = rng.integers(0, 256, size=(per, 3073), dtype=np.uint8)
+        rec[:, 0] = rng.integers(0, 10, size=per)
+        rec.tofile(os.path.join(d, f"data_batch_{k}.bin"))
+    rec = rng.integers(0, 256, size=(n_test, 3073), dtype=np.uint8)
+    rec[:, 0] = rng.integers(0, 10, size=n_test)
+    rec.tofile(os.path.join(d, "test_batch.bin"))
+    return dirname
+
+
+def config(model: str, steps: int, n: int, data_dir: str) -> dict:
+    if model == "mlp":
+        data = {"name": "digits"}
+        mdl = {"name": "mlp", "hidden": [64]}
+        batch, n_train = 16, 1438
+    else:
+        data = {"name": "cifar10", "data_dir": data_dir}
+        mdl = {"name": "resnet20"}
+        batch, n_train = 32, 2045
+    spe = max(1, n_train // (n * batch))
+    return {"seed": 0, "run": {"name": "bench", "progress": False, "threads": 1},
+            "train": {"epochs": steps / spe, "batch_size": batch, "lr": 0.05, "eval_every": 10 ** 9,
+                      "log_every": 10},
+            "model": mdl, "data": data, "algorithm": {"name": "psgd"}}
+
+
+def measure(model: str, n: int, steps: int, tmp: str) -> dict:
+    from qprsgd.logger import read
+    cfg_path = os.path.join(tmp, f"{model}-{n}.yaml")
+    with open(cfg_path, "w") as f:
+        yaml.safe_dump(config(model, steps, n, tmp), f)
+    out = os.path.join(tmp, f"{model}-{n}")
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    subprocess.run([mpiexec, "-n", str(n), sys.executable, "-m", "qprsgd.cli", "run", cfg_path, "--out", out],
+                   check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    m = read(os.path.join(out, "run.h5"))["metrics"]
+    sl = slice(1, None)
+    steps_measured = m["steps"][sl].sum()
+    per = {k: m[k][sl].sum() / steps_measured * 1e3 for k in ("t_compute", "t_codec", "t_comm", "t_step")}
+    # each component is a max over ranks, so their sum can exceed the step's max: clip at 0
+    per["other"] = max(0.0, per["t_step"] - per["t_compute"] - per["t_codec"] - per["t_comm"])
+    dwall = m["wall_time"][-1] - m["wall_time"][0]
+    per["overhead"] = (dwall - m["t_step"][sl].sum()) / dwall
+    return per
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ranks", default="1,2,4")
+    ap.add_argument("--models", default="mlp,resnet20")
+    ap.add_argument("--steps", type=int, default=60)
+    a = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        write_cifar(tmp)
+        print(f"{'model':9s} {'ranks':>5s} {'step ms':>8s} {'compute':>8s} {'codec':>7s} {'comm':>7s} "
+              f"{'other':>7s} {'runner overhead':>16s}")
+        for model in a.models.split(","):
+            steps = a.steps if model == "mlp" else max(10, a.steps // 4)
+            for n in (int(r) for r in a.ranks.split(",")):
+                p = measure(model, n, steps, tmp)
+                print(f"{model:9s} {n:5d} {p['t_step']:8.3f} {p['t_compute']:8.3f} {p['t_codec']:7.3f} "
+                      f"{p['t_comm']:7.3f} {p['other']:7.3f} {100 * p['overhead']:15.1f}%", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
