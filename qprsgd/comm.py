@@ -23,7 +23,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import defaultdict
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -217,6 +217,39 @@ class Comm:
             MPI.Request.Waitall(sends)
             self.seconds += time.perf_counter() - t0
             return got
+
+        return Request(finish)
+
+    def isendrecv_bytes(self, sends: Mapping[int, np.ndarray], recvs: Mapping[int, int],
+                        channel: Union[str, Mapping[int, str]] = "peer") -> Request:
+        """Non-blocking sparse exchange: ``Isend`` ``sends[j]`` to each rank j (a different payload
+        per destination) and ``Irecv`` exactly ``recvs[j]`` bytes from each rank j, all posted now.
+
+        ``channel`` is one name, or a name per destination rank.  The payloads are copied, so the
+        caller may reuse its buffers at once.  ``wait()`` completes every request and returns
+        ``{source: payload}``.  Every rank of the group must call the same sequence of exchanges
+        (tags are matched by call order), with empty mappings where it has nothing to move.
+        """
+        tag = self._next_tag()
+        t = time.perf_counter()
+        bufs = {j: np.empty(int(n), dtype=np.uint8) for j, n in recvs.items() if j != self.rank}
+        reqs = [self.mpi.Irecv(b, source=j, tag=tag) for j, b in bufs.items()]
+        keep = []
+        for j, data in sends.items():
+            if j == self.rank:
+                continue
+            a = _u8(data).copy()
+            keep.append(a)
+            reqs.append(self.mpi.Isend(a, dest=j, tag=tag))
+            self._count(channel if isinstance(channel, str) else channel[j], a.nbytes)
+        self.seconds += time.perf_counter() - t
+
+        def finish():
+            t0 = time.perf_counter()
+            MPI.Request.Waitall(reqs)
+            keep.clear()
+            self.seconds += time.perf_counter() - t0
+            return bufs
 
         return Request(finish)
 
