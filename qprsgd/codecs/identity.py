@@ -23,4 +23,7 @@ class Identity(Codec):
         data = self._as_bytes(data)
         if data.shape[0] != 4 * self.d:
             raise CodecError(f"identity: payload has {data.shape[0]} bytes, expected 4*d = {4 * self.d}")
-        return data.view(self.xp.float32).copy()
+        out = data.view(self.xp.float32).copy()
+        if not bool(self.xp.isfinite(out).all()):
+            raise CodecError("identity: payload holds NaN or Inf")
+        return out
