@@ -1,1 +1,327 @@
-"""(being written)"""
+"""dcd-ecd-psgd (Tang et al., "Communication Compression for Decentralized Training"): D-PSGD,
+naive compressed D-PSGD, DCD-PSGD (Algorithm 1) and ECD-PSGD (Algorithm 2, eq. (3)–(4)).
+
+Notation (paper): n (= M) workers, W the symmetric doubly stochastic mixing matrix over the
+workers, γ (``lr``) the step size, C an unbiased compressor (the configured codec).  Worker i
+is world rank ``env.workers[i]`` and rank i of ``env.worker_comm``; it talks only to the j ≠ i
+with W_ij ≠ 0 (``Topology.neighbors(i)``), by ``Comm.ineighbor_exchange`` on the ``peer``
+channel -- point-to-point sends, never an allgather.
+
+Conventions shared by every class here (docs/algorithms-gossip.md):
+
+* Steps t are 0-based in the runner; the paper's t is ``t + 1``.
+* Mixing Σ_j W_ij v_j runs over j ∈ {i} ∪ neighbours(i) in ascending j, accumulated in float64
+  and rounded once to float32.  The single rounding makes the result independent of the
+  summation order, so a single-process reference written as ``(W @ X).astype(float32)`` gives
+  the same float32 vector -- which matters because a stochastic codec turns a 1-ulp difference
+  in its input into a whole quantization level now and then.
+* Weight decay λx is folded into the local gradient (``Algorithm._wd``).
+* Codec draws come from ``env.rng`` only (one ``encode`` per step).
+* A worker never uses its own replica of itself: its own value is exact (x̂_i = x_i).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from ..registry import ALGORITHMS
+from .base import Algorithm
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def raw_bytes(v: np.ndarray) -> np.ndarray:
+    """Uncompressed float32 payload (32 d bits; what D-PSGD sends)."""
+    return np.ascontiguousarray(v, dtype=np.float32).view(np.uint8)
+
+
+def from_raw(buf: np.ndarray, d: int) -> np.ndarray:
+    if buf.nbytes != 4 * d:
+        raise ValueError(f"received an uncompressed model of {buf.nbytes} bytes, expected 4*d = {4 * d}")
+    return np.ascontiguousarray(buf).view(np.float32)
+
+
+class GossipAlgorithm(Algorithm):
+    """Shared plumbing of the gossip family: the neighbourhood of worker i and the mixing sum."""
+
+    needs_topology = True
+    default_topology = "ring"
+    mixing_rule = "gossip"
+
+    def __init__(self, x, env):
+        super().__init__(x, env)
+        W = env.W
+        if W is None:
+            raise ValueError(f"{self.name}: needs a mixing matrix (the topology section built none)")
+        M = env.M
+        if W.shape != (M, M):
+            raise ValueError(f"topology: {self.name} needs an M x M matrix over the {M} workers and no "
+                             f"auxiliary nodes, got shape {W.shape}")
+        self.i = env.worker_index
+        topo = env.extra.get("topology")
+        if topo is not None:
+            nbrs = [int(j) for j in topo.neighbors(self.i)]
+        else:
+            nbrs = [j for j in range(M) if j != self.i and W[self.i, j] != 0]
+        self.neighbors = sorted(nbrs)                       # j ≠ i with W_ij ≠ 0 (worker_comm ranks)
+        self.support = sorted([self.i] + self.neighbors)    # the j of Σ_j W_ij (·)
+        self.weights = {j: float(W[self.i, j]) for j in self.support}
+
+    def _mix(self, v: dict) -> np.ndarray:
+        """Σ_j W_ij v_j over i and its neighbours: float64 accumulation, one rounding to float32."""
+        acc = np.zeros(self.env.d, dtype=np.float64)
+        for j in self.support:
+            acc += self.weights[j] * np.asarray(v[j], dtype=np.float64)
+        return acc.astype(np.float32)
+
+    def _exchange(self, data):
+        """Post the sends of ``data`` to every neighbour; ``.wait()`` gives {j: payload}."""
+        return self.env.worker_comm.ineighbor_exchange(data, self.neighbors, channel="peer")
+
+    def _decode(self, data) -> np.ndarray:
+        return np.asarray(self.env.codec.decode(data), dtype=np.float32)
+
+    def _neighbor_table(self) -> np.ndarray:
+        return np.asarray(self.neighbors, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# D-PSGD
+
+
+class DPSGDParams(_Params):
+    mix_rule: Literal["mix_then_step", "step_then_mix"] = "mix_then_step"
+
+
+@ALGORITHMS.register("d_psgd", params=DPSGDParams)
+class DPSGD(GossipAlgorithm):
+    """Decentralized parallel SGD (dcd-ecd-psgd §3, L80–88: X_{t+1} = X_t W − γ G(X_t);
+    cooperative-sgd eq. (6) / A(1, W, 0)).  Uncompressed: float32 models cross MPI (32 d bits
+    to each neighbour).
+
+    ``mix_rule = "mix_then_step"`` (default; the paper's form), worker i, each step:
+      1. g_i = ∇F_i(x_i; ξ_i)                      (at x_i, before mixing)
+      2. send x_i to the neighbours, receive x_j
+      3. x_i ← Σ_j W_ij x_j − γ g_i
+
+    ``mix_rule = "step_then_mix"`` (cooperative-sgd eq. (10), X ← (X − γG)W):
+      1. g_i = ∇F_i(x_i; ξ_i)
+      2. y_i = x_i − γ g_i
+      3. send y_i to the neighbours, receive y_j
+      4. x_i ← Σ_j W_ij y_j
+    With W = J the second rule is PSGD (``psgd``) up to float rounding.
+    """
+
+    name = "d_psgd"
+
+    def __init__(self, x, env, mix_rule: str = "mix_then_step"):
+        super().__init__(x, env)
+        if mix_rule not in ("mix_then_step", "step_then_mix"):
+            raise ValueError(f"mix_rule must be 'mix_then_step' or 'step_then_mix', got {mix_rule!r}")
+        self.mix_rule = mix_rule
+
+    def step(self, t, lr, grad):
+        d = self.env.d
+        g = self._wd(grad())                                             # 1.
+        if self.mix_rule == "mix_then_step":
+            got = self._exchange(raw_bytes(self.x)).wait()               # 2.
+            v = {j: from_raw(got[j], d) for j in self.neighbors}
+            v[self.i] = self.x
+            self.x[...] = self._mix(v) - np.float32(lr) * g              # 3.
+        else:
+            y = self.x - np.float32(lr) * g                              # 2.
+            got = self._exchange(raw_bytes(y)).wait()                    # 3.
+            v = {j: from_raw(got[j], d) for j in self.neighbors}
+            v[self.i] = y
+            self.x[...] = self._mix(v)                                   # 4.
+        self.rounds += 1
+
+
+# --------------------------------------------------------------------------------------------
+# naive compressed D-PSGD
+
+
+@ALGORITHMS.register("d_psgd_naive_q")
+class DPSGDNaiveQ(GossipAlgorithm):
+    """Naive compressed D-PSGD (dcd-ecd-psgd §4, Fig. 1, L97–101; App. D, L967–971):
+    X_{t+1} = C(X_t) W − γ G(X_t).
+
+    Worker i, each step:
+      1. g_i = ∇F_i(x_i; ξ_i)                      (at the uncompressed x_i)
+      2. q_i = C(x_i)                              (the model itself is compressed)
+      3. send q_i to the neighbours, receive q_j
+      4. x_i ← Σ_j W_ij C(x_j) − γ g_i             (j = i included: node i mixes its own
+                                                    compressed model, ALGORITHMS.md §B)
+    The paper's negative result: the compression noise Q_t W does not shrink with γ, so the
+    error floor stays put as the step size decays (L101, L971).  Any codec is accepted (the
+    paper leaves Fig. 1's compressor unspecified); the default is ``stochastic_bits``.
+    """
+
+    name = "d_psgd_naive_q"
+    uses_codec = True
+    default_codec = "stochastic_bits"
+
+    def step(self, t, lr, grad):
+        env = self.env
+        g = self._wd(grad())                                             # 1.
+        p = env.codec.encode(self.x, env.rng)                            # 2.
+        req = self._exchange(p.data)                                     # 3. (sends posted)
+        v = {self.i: self._decode(p.data)}
+        got = req.wait()                                                 # 3. (receives)
+        for j in self.neighbors:
+            v[j] = self._decode(got[j])
+        self.x[...] = self._mix(v) - np.float32(lr) * g                  # 4.
+        self.rounds += 1
+
+
+# --------------------------------------------------------------------------------------------
+# DCD-PSGD
+
+
+@ALGORITHMS.register("dcd_psgd")
+class DCDPSGD(GossipAlgorithm):
+    """DCD-PSGD, difference compression (dcd-ecd-psgd Algorithm 1, L135–160; §4.1, L116–131).
+
+    Worker i keeps replicas x̂_j of its neighbours' models (x̂_j = x_j exactly, footnote 3).
+    Input (line 1): x_1^(i) = x_1, x̂_1^(j) = x_1.  Each step t:
+      3. sample ξ_t^(i)                                (the next batch of this worker's shard)
+      4. g = ∇F_i(x_t^(i); ξ_t^(i))                    (+ λx)
+      5. x_{t+½} = Σ_j W_ij x̂_t^(j) − γ g             (x̂_i = x_i; the box's x_t^(j) is the
+                                                        replica, ALGORITHMS.md "Known problems")
+      6. z_t = x_{t+½} − x_t;  encode C(z_t)
+      7. x_{t+1} = x_t + C(z_t)                        (the decoded payload, as the neighbours see it)
+      8. send C(z_t) to the neighbours; x̂_{t+1}^(j) = x̂_t^(j) + C(z_t^(j))  (the box's
+                                                        C(z^(i)) is C(z^(j)))
+    The owner and every holder add the same decoded float32 vector to bit-identical values, so
+    x̂^(j) = x^(j) bit for bit at every step (tests/test_gossip.py checks it from checkpoints).
+    C must be unbiased (Assumption 1.5, L114): a biased codec is refused at config time.
+    """
+
+    name = "dcd_psgd"
+    uses_codec = True
+    default_codec = "stochastic_bits"
+    needs_unbiased_codec = True
+
+    def __init__(self, x, env):
+        super().__init__(x, env)
+        # line 1: x̂_1^(j) = x_1 (every worker starts from the same x_1)
+        self.replicas = None if x is None else np.tile(x, (len(self.neighbors), 1))
+
+    def replica(self, j: int) -> np.ndarray:
+        """Debug accessor: this worker's replica x̂^(j) of neighbour j (a read-only view)."""
+        v = self.replicas[self.neighbors.index(j)].view()
+        v.flags.writeable = False
+        return v
+
+    def step(self, t, lr, grad):
+        env = self.env
+        g = self._wd(grad())                                             # 3.–4.
+        v = {j: self.replicas[k] for k, j in enumerate(self.neighbors)}
+        v[self.i] = self.x
+        x_half = self._mix(v) - np.float32(lr) * g                       # 5.
+        z = x_half - self.x                                              # 6.
+        p = env.codec.encode(z, env.rng)                                 # 6. C(z_t)
+        req = self._exchange(p.data)                                     # 8. send C(z_t)
+        self.x += self._decode(p.data)                                   # 7.
+        got = req.wait()                                                 # 8. receive C(z^(j))
+        for k, j in enumerate(self.neighbors):
+            self.replicas[k] += self._decode(got[j])                     # 8. x̂^(j) += C(z^(j))
+        self.rounds += 1
+
+    def state_dict(self):
+        s = super().state_dict()
+        s["replicas"] = self.replicas
+        s["neighbors"] = self._neighbor_table()
+        return s
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        if not np.array_equal(np.asarray(state["neighbors"]), self._neighbor_table()):
+            raise ValueError(f"checkpoint was written with neighbours {list(state['neighbors'])}, "
+                             f"this topology gives {self.neighbors}")
+        self._load_array(self.replicas, state["replicas"])
+
+
+# --------------------------------------------------------------------------------------------
+# ECD-PSGD
+
+
+@ALGORITHMS.register("ecd_psgd")
+class ECDPSGD(GossipAlgorithm):
+    """ECD-PSGD, extrapolation compression (dcd-ecd-psgd Algorithm 2, L162–190, with eq. (3)–(4),
+    L234–238, as fixed by ALGORITHMS.md §B).
+
+    Worker i keeps estimates x̃^(j) of itself and of its neighbours.  Input (line 1):
+    x_1^(i) = x_1, x̃_1^(j) = x_1 (uncompressed).  Paper step t = 1, 2, … (runner step t − 1):
+      3. sample ξ_t^(i)
+      4. g = ∇F_i(x_t^(i); ξ_t^(i))                    (+ λx)
+      5. x_{t+½} = Σ_j W_ij x̃_t^(j)                    (j = i included: the own *estimate*, L172)
+      6. x_{t+1} = x_{t+½} − γ g
+      7. z_{t+1} = (1 − (t+1)/2) x_t + ((t+1)/2) x_{t+1};  encode C(z_{t+1});  send it
+      8. every holder of x̃^(j) (j itself included):
+           x̃_{t+1}^(j) = (1 − 2/(t+1)) x̃_t^(j) + (2/(t+1)) C(z_{t+1}^(j))
+    Step index (the box's 0.5t, 2/t at line 7–8 (L180, L184) use C(z_t) before it exists): we use
+    eq. (3)–(4) with the index t+1 on both, so the first update is z_2 = x_2 and x̃_2 = C(x_2)
+    (coefficient 1 − 2/2 = 0) -- Lemma 11's a_1 = 0 (L820–832).  With C = identity, x̃ = x up to
+    rounding that grows like t·eps (z carries the factor (t+1)/2).  Coefficients are rounded
+    to float32 once per step; the update is elementwise float32.
+    C must be unbiased (Assumption 1.5): a biased codec is refused at config time.
+    """
+
+    name = "ecd_psgd"
+    uses_codec = True
+    default_codec = "stochastic_bits"
+    needs_unbiased_codec = True
+
+    def __init__(self, x, env):
+        super().__init__(x, env)
+        # line 1: x̃_1^(j) = x_1 for the own estimate and every neighbour's
+        self.own_estimate = None if x is None else x.copy()
+        self.estimates = None if x is None else np.tile(x, (len(self.neighbors), 1))
+
+    def estimate(self, j: int) -> np.ndarray:
+        """Debug accessor: this worker's estimate x̃^(j) (j = itself or a neighbour), read-only."""
+        v = (self.own_estimate if j == self.i else self.estimates[self.neighbors.index(j)]).view()
+        v.flags.writeable = False
+        return v
+
+    def step(self, t, lr, grad):
+        env = self.env
+        k = t + 2                          # the paper's t+1 for its step t = runner step + 1
+        a = np.float32(k / 2.0)
+        one_minus_a = np.float32(1.0 - k / 2.0)
+        c = np.float32(2.0 / k)
+        one_minus_c = np.float32(1.0 - 2.0 / k)
+        g = self._wd(grad())                                             # 3.–4. at x_t
+        v = {j: self.estimates[n] for n, j in enumerate(self.neighbors)}
+        v[self.i] = self.own_estimate
+        x_half = self._mix(v)                                            # 5.
+        x_next = x_half - np.float32(lr) * g                             # 6.
+        z = one_minus_a * self.x + a * x_next                            # 7. z_{t+1}
+        p = env.codec.encode(z, env.rng)                                 # 7. C(z_{t+1})
+        req = self._exchange(p.data)                                     # 7. send
+        self.x[...] = x_next                                             # 6. x_{t+1}
+        self.own_estimate[...] = one_minus_c * self.own_estimate + c * self._decode(p.data)  # 8. (j = i)
+        got = req.wait()
+        for n, j in enumerate(self.neighbors):                           # 8. neighbours' estimates
+            self.estimates[n] = one_minus_c * self.estimates[n] + c * self._decode(got[j])
+        self.rounds += 1
+
+    def state_dict(self):
+        s = super().state_dict()
+        s["own_estimate"] = self.own_estimate
+        s["estimates"] = self.estimates
+        s["neighbors"] = self._neighbor_table()
+        return s
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        if not np.array_equal(np.asarray(state["neighbors"]), self._neighbor_table()):
+            raise ValueError(f"checkpoint was written with neighbours {list(state['neighbors'])}, "
+                             f"this topology gives {self.neighbors}")
+        self._load_array(self.own_estimate, state["own_estimate"])
+        self._load_array(self.estimates, state["estimates"])
