@@ -1,1 +1,506 @@
-"""(being written)"""
+"""dist-ef-blocksgdm (Zheng, Huang, Kwok, NeurIPS 2019): error feedback through a parameter server,
+plus the baselines the paper compares against.
+
+  sgdm               full-precision all-reduce SGD with Nesterov momentum (§3.3, L183)
+  ef_sgd             EF-SGD, one machine (Algorithm 1, L52–58)
+  dist_ef_sgd        Algorithm 2 (L73–85), any compressor
+  dist_ef_blocksgd   Algorithm 3, blockwise scaled sign by default
+  dist_ef_blocksgdm  Algorithm 4 (L187–199) + Appendix A weight decay (L293–295)
+  dist_ef_sgdm       Algorithm 4 with any compressor ("the non-block variant is analogous", L183)
+  signsgd_mv         signSGD with majority vote (cited [3], L28)
+  signum_mv          signum (sign of momentum) with majority vote (cited [3, 4])
+
+Notation: M workers, x_t the model, g_{t,i} worker i's stochastic gradient at x_t, η_t the
+step size of 0-based step t (``lr``), μ the momentum, λ the weight decay, C the configured
+codec (``env.codec``: Δ = decode(encode(p)), the value the receivers see).
+
+Conventions shared by the parameter-server classes (docs/algorithms-ps.md):
+
+* Server.  ``env.server`` is rank 0 (doubling as worker 0, ``run.server: rank0``) or a dedicated
+  last rank (``run.server: dedicated``).  The server holds ẽ, never x (a dedicated server's
+  parameter buffer is left untouched at x_0).
+* Transport.  Workers push Δ_{t,i} with ``comm.gather_bytes(.., channel="up")``; the server
+  decodes each, forms p̃_t, compresses it and sends the same bytes to every worker with
+  ``comm.broadcast_bytes(.., channel="down")``.  Every worker -- the server's own worker role
+  included -- applies decode(the bytes it received), so all workers apply the identical Δ̃_t.
+  Bits of both directions are therefore logged separately (``bits_up``, ``bits_down``).
+* Mean.  p̃_t = (Σ_i Δ_{t,i}, summed in float32 in worker order 0..M−1) / M + r_t ẽ_t.
+* Rescaling.  r_t = η_{t−1}/η_t with η_{−1} = 0: r_0 = 0 without any division (the stored
+  η_{t−1} is 0 before the first step).  With a step decay ÷10, r_t = 10 on the first step after
+  each milestone.  r_t is computed in float64 and cast to float32 once.
+* Error feedback.  e ← p − Δ in float32, Δ being exactly what was sent (decoded); so
+  Δ + e equals p up to one float32 rounding (exactly where Sterbenz applies).
+* Weight decay is never compressed (Appendix A, L293): non-momentum dist_ef_*:
+  x_{t+1} = x_t − η_t(Δ̃_t + λx_t); momentum: m̃_t = μm̃_{t−1} + λx_t,
+  x_{t+1} = x_t − η_t(Δ̃_t + μm̃_t + λx_t), x_t taken before the update.
+* Draws.  Codec draws use ``env.rng`` only; on rank 0 doubling as server the worker's encode
+  comes before the server's encode in every step.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..registry import ALGORITHMS
+from .base import Algorithm
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MomentumParams(_Params):
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum parameter μ (0 ≤ μ < 1)")
+
+
+def lr_ratio(lr_prev: float, lr: float) -> np.float32:
+    """r_t = η_{t−1}/η_t as float32; r_0 = 0 (η_{−1} = 0) with no division."""
+    if lr_prev == 0.0:
+        return np.float32(0.0)
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0 for the η_(t−1)/η_t rescaling, got {lr!r}")
+    return np.float32(lr_prev / lr)
+
+
+def _f32(v) -> np.ndarray:
+    return np.asarray(v, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# all-reduce baseline
+# ----------------------------------------------------------------------------------------------
+@ALGORITHMS.register("sgdm", params=MomentumParams)
+class SGDM(Algorithm):
+    """Full-precision distributed SGD with Nesterov momentum (dist-ef-blocksgdm §3.3, L183).
+
+    Each step, on every worker i (m_{−1,i} = 0):
+      1. g_{t,i} = ∇f(x_t; ξ_{t,i}) + λx_t                    (weight decay inside g, L183 has none)
+      2. m_{t,i} = μ m_{t−1,i} + g_{t,i}
+      3. z_{t,i} = μ m_{t,i} + g_{t,i}
+      4. z̄_t = (1/M) Σ_i z_{t,i}                               (all-reduce mean, channel "allreduce")
+      5. x_{t+1} = x_t − η_t z̄_t
+    32d bits per worker per step are handed to MPI (one float32 all-reduce).
+    """
+
+    name = "sgdm"
+
+    def __init__(self, x, env, momentum: float = 0.9):
+        super().__init__(x, env)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        self.mu = np.float32(momentum)
+        self.m = np.zeros(env.d, dtype=np.float32)
+
+    def step(self, t, lr, grad):
+        g = self._wd(grad())                               # 1.
+        self.m *= self.mu                                  # 2. m_t = μ m_{t−1} + g_t
+        self.m += g
+        z = self.mu * self.m + g                           # 3.
+        self.env.worker_comm.allreduce_mean(z)             # 4.
+        self.x -= np.float32(lr) * z                       # 5.
+        self.rounds += 1
+
+    def state_dict(self):
+        return {**super().state_dict(), "m": self.m}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self._load_array(self.m, state["m"])
+
+
+# ----------------------------------------------------------------------------------------------
+# EF-SGD, one machine
+# ----------------------------------------------------------------------------------------------
+@ALGORITHMS.register("ef_sgd")
+class EFSGD(Algorithm):
+    """SGD with error feedback, one machine (dist-ef-blocksgdm Algorithm 1, L52–58; Karimireddy et al.).
+
+      2. e_0 = 0
+      4. p_t = η_t g_t + e_t                  (g_t = ∇f(x_t; ξ_t); the step size is applied *before* C)
+      5. Δ_t = C(p_t)                          (decode(encode(p_t)); draws from env.rng)
+      6. x_{t+1} = x_t − Δ_t                   (− η_t λ x_t: weight decay outside C, as Appendix A)
+      7. e_{t+1} = p_t − Δ_t
+    The paper's single machine: M must be 1 (a ValueError names the world size otherwise).
+    It is not dist_ef_sgd with M = 1 (L69): η multiplies g before compression and e is never
+    rescaled.  Nothing is sent, so ``rounds`` stays 0; ``payload_bits`` counts what C produced.
+    Default codec ``sign``, the scaled sign C(v) = ‖v‖₁/d · sign(v) of eq. (1).
+    """
+
+    name = "ef_sgd"
+    uses_codec = True
+    default_codec = "sign"
+
+    def __init__(self, x, env):
+        super().__init__(x, env)
+        if env.M != 1 or env.comm.size != 1:
+            raise ValueError("ef_sgd is the single-machine EF-SGD (dist-ef Algorithm 1) and needs "
+                             f"exactly one process; got world size {env.comm.size} ({env.M} workers). "
+                             "Use dist_ef_sgd for M > 1.")
+        if env.codec is None:
+            raise ValueError("ef_sgd needs a codec (the `codec` section)")
+        self.e = np.zeros(env.d, dtype=np.float32)
+
+    def step(self, t, lr, grad):
+        env = self.env
+        eta = np.float32(lr)
+        g = grad()                                              # 4. g_t
+        p = eta * g + self.e                                    # 4. p_t = η g_t + e_t
+        delta = _f32(env.codec.decode(env.codec.encode(p, env.rng).data))   # 5. Δ_t = C(p_t)
+        if env.weight_decay:
+            wd = eta * (np.float32(env.weight_decay) * self.x)  #    η_t λ x_t (outside C)
+            self.x -= delta + wd                                # 6. x_{t+1} = x_t − Δ_t − η_t λ x_t
+        else:
+            self.x -= delta                                     # 6. x_{t+1} = x_t − Δ_t
+        np.subtract(p, delta, out=self.e)                       # 7. e_{t+1} = p_t − Δ_t
+
+    def state_dict(self):
+        return {**super().state_dict(), "e": self.e}
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self._load_array(self.e, state["e"])
+
+
+# ----------------------------------------------------------------------------------------------
+# parameter-server machinery shared by dist_ef_* and the majority votes
+# ----------------------------------------------------------------------------------------------
+class _ServerAlgorithm(Algorithm):
+    """Roles and the two transfers of one step (push to the server, pull from it)."""
+
+    needs_server = True
+
+    def __init__(self, x, env):
+        super().__init__(x, env)
+        if env.server is None:
+            raise ValueError(f"{self.name} needs a server rank (env.server is None)")
+        self.is_server = env.rank == env.server
+        self.is_worker = env.is_worker
+
+    def push(self, data: Optional[np.ndarray]) -> Optional[list]:
+        """Workers push ``data`` (channel "up"); the server returns the payloads in worker order."""
+        env = self.env
+        out = env.comm.gather_bytes(data if data is not None else np.zeros(0, np.uint8),
+                                    root=env.server, sources=env.workers, channel="up")
+        return None if out is None else [out[j] for j in env.workers]
+
+    def pull(self, data: Optional[np.ndarray]) -> Optional[np.ndarray]:
+        """The server sends ``data`` to every worker (channel "down"); each worker returns its copy."""
+        env = self.env
+        return env.comm.broadcast_bytes(data, root=env.server, dests=env.workers, channel="down")
+
+
+class _DistEF(_ServerAlgorithm):
+    """State and server side of Algorithms 2–4 (subclasses write the worker side)."""
+
+    uses_codec = True
+    momentum = False
+
+    def __init__(self, x, env, momentum: float = 0.0):
+        super().__init__(x, env)
+        if env.codec is None:
+            raise ValueError(f"{self.name} needs a codec (the `codec` section)")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        self.mu = np.float32(momentum)
+        self.lr_prev = 0.0                                   # η_{−1} = 0
+        d = env.d
+        if self.is_worker:
+            self.e = np.zeros(d, dtype=np.float32)           # e_{0,i} = 0
+            if self.momentum:
+                self.m = np.zeros(d, dtype=np.float32)       # m_{−1,i} = 0
+                self.m_wd = np.zeros(d, dtype=np.float32)    # m̃_{−1} = 0 (weight-decay momentum)
+        if self.is_server:
+            self.e_srv = np.zeros(d, dtype=np.float32)       # ẽ_0 = 0
+
+    # -- the two halves every step shares ------------------------------------------------------
+    def compress(self, p: np.ndarray):
+        """(payload bytes, Δ = decode(bytes)): what is sent and what the receiver will see."""
+        c = self.env.codec
+        data = c.encode(p, self.env.rng).data
+        return data, _f32(c.decode(data))
+
+    def server_step(self, r: np.float32, payloads: Optional[list]) -> Optional[np.ndarray]:
+        """Server lines: p̃ = (1/M) Σ_i Δ_i + r ẽ;  Δ̃ = C(p̃);  ẽ ← p̃ − Δ̃.  Returns Δ̃'s bytes."""
+        if not self.is_server:
+            return None
+        c = self.env.codec
+        acc = np.zeros(self.env.d, dtype=np.float32)
+        for data in payloads:                                # Σ_i Δ_{t,i}, worker order
+            acc += _f32(c.decode(data))
+        acc /= np.float32(self.env.M)
+        p_srv = acc + r * self.e_srv                         # p̃_t
+        data, d_srv = self.compress(p_srv)                   # Δ̃_t = C(p̃_t)
+        np.subtract(p_srv, d_srv, out=self.e_srv)            # ẽ_{t+1} = p̃_t − Δ̃_t
+        return data
+
+    def apply(self, lr: float, data: Optional[np.ndarray]) -> None:
+        """Worker: x_{t+1} = x_t − η_t(Δ̃_t [+ weight decay outside C])."""
+        if not self.is_worker:
+            return
+        eta = np.float32(lr)
+        d_tilde = _f32(self.env.codec.decode(data))          # Δ̃_t pulled from the server
+        lam = self.env.weight_decay
+        if not lam:
+            self.x -= eta * d_tilde
+        elif not self.momentum:                              # Alg. 2/3 + L293: Δ̃ + λx_t
+            self.x -= eta * (d_tilde + np.float32(lam) * self.x)
+        else:                                                # Appendix A (L295)
+            wd = np.float32(lam) * self.x                    #   λ x_t
+            self.m_wd *= self.mu                             #   m̃_t = μ m̃_{t−1} + λ x_t
+            self.m_wd += wd
+            self.x -= eta * ((d_tilde + self.mu * self.m_wd) + wd)
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self):
+        s = {**super().state_dict(), "lr_prev": np.float64(self.lr_prev)}
+        if self.is_worker:
+            s["e"] = self.e
+            if self.momentum:
+                s["m"] = self.m
+                s["m_wd"] = self.m_wd
+        if self.is_server:
+            s["e_srv"] = self.e_srv
+        return s
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.lr_prev = float(state["lr_prev"])
+        if self.is_worker:
+            self._load_array(self.e, state["e"])
+            if self.momentum:
+                self._load_array(self.m, state["m"])
+                self._load_array(self.m_wd, state["m_wd"])
+        if self.is_server:
+            self._load_array(self.e_srv, state["e_srv"])
+
+
+@ALGORITHMS.register("dist_ef_sgd")
+class DistEFSGD(_DistEF):
+    """Distributed SGD with error feedback (dist-ef-blocksgdm Algorithm 2, L73–85), any compressor.
+
+      1. η_{−1} = 0                      2. e_{0,i} = 0 on each worker, ẽ_0 = 0 on the server
+      3. for t = 0..T−1:  r_t = η_{t−1}/η_t (r_0 = 0)
+      4.   on each worker i
+      5.     p_{t,i} = g_{t,i} + r_t e_{t,i}
+      6.     push Δ_{t,i} = C(p_{t,i}) to the server                      (channel "up")
+      7.     x_{t+1} = x_t − η_t Δ̃_t   (Δ̃_t pulled from the server; − η_t λ x_t outside C, L293)
+      8.     e_{t+1,i} = p_{t,i} − Δ_{t,i}
+      9.   on the server
+     10.     pull Δ_{t,i};  p̃_t = (1/M) Σ_i Δ_{t,i} + r_t ẽ_t
+     11.     push Δ̃_t = C(p̃_t) to each worker                            (channel "down")
+     12.     ẽ_{t+1} = p̃_t − Δ̃_t
+    Line 7 needs Δ̃_t, so it runs after lines 10–11 in time.  Default codec ``sign`` (the
+    scaled sign ‖v‖₁/d · sign(v), eq. (1)); any codec may be configured, e.g. ``qsgd_scaled``
+    (c·Q_s, L111) or ``topk``; with ``identity`` this is full-precision distributed SGD (L69).
+    """
+
+    name = "dist_ef_sgd"
+    default_codec = "sign"
+
+    def __init__(self, x, env):
+        super().__init__(x, env, momentum=0.0)
+
+    def step(self, t, lr, grad):
+        r = lr_ratio(self.lr_prev, lr)                       # 3. r_t = η_{t−1}/η_t
+        up = None
+        if self.is_worker:                                   # 4.
+            g = grad()
+            p = g + r * self.e                               # 5. p_{t,i}
+            up, delta = self.compress(p)                     # 6. Δ_{t,i} = C(p_{t,i})
+            np.subtract(p, delta, out=self.e)                # 8. e_{t+1,i} = p_{t,i} − Δ_{t,i}
+        payloads = self.push(up)                             # 6./10. push, pull at the server
+        down = self.server_step(r, payloads)                 # 10.–12.
+        self.apply(lr, self.pull(down))                      # 11. push Δ̃_t; 7. x_{t+1}
+        self.lr_prev = lr
+        self.rounds += 1
+
+
+@ALGORITHMS.register("dist_ef_blocksgd")
+class DistEFBlockSGD(DistEFSGD):
+    """Distributed blockwise SGD with error feedback (dist-ef-blocksgdm Algorithm 3).
+
+    Algorithm 2 with C_B(v) = [‖v_{G_b}‖₁/d_b · sign(v_{G_b})]_b, blocks = parameter tensors
+    (L162): the default codec is ``block_sign`` (any codec may be configured).  Lines as
+    Algorithm 2: 5. p_{t,i} = g_{t,i} + r_t e_{t,i}; 6. push C_B(p_{t,i}); 7. x_{t+1} = x_t −
+    η_t(Δ̃_t + λx_t); 8. e_{t+1,i} = p_{t,i} − Δ_{t,i}; 10. p̃_t = mean_i Δ_{t,i} + r_t ẽ_t;
+    11. push C_B(p̃_t); 12. ẽ_{t+1} = p̃_t − Δ̃_t.  Per step M(d + 32B) bits go up and the
+    same come down: 2Md + 64MB (Table 1, L179), plus at most 7 padding bits per message.
+    """
+
+    name = "dist_ef_blocksgd"
+    default_codec = "block_sign"
+
+
+@ALGORITHMS.register("dist_ef_blocksgdm", params=MomentumParams)
+class DistEFBlockSGDM(_DistEF):
+    """Distributed blockwise momentum SGD with error feedback (dist-ef-blocksgdm Algorithm 4, L187–199).
+
+      1. η_{−1} = 0, 0 ≤ μ < 1          2. m_{−1,i} = e_{0,i} = 0 on each worker, ẽ_0 = 0 on the server
+      3. for t = 0..T−1:  r_t = η_{t−1}/η_t (r_0 = 0)
+      4.   on each worker i
+      5.     m_{t,i} = μ m_{t−1,i} + g_{t,i}
+      6.     p_{t,i} = μ m_{t,i} + g_{t,i} + r_t e_{t,i}
+      7.     push Δ_{t,i} = C_B(p_{t,i}) to the server                    (channel "up")
+      8.     x_{t+1} = x_t − η_t Δ̃_t   (Δ̃_t pulled from the server)
+             with weight decay (Appendix A, L295): m̃_t = μ m̃_{t−1} + λ x_t;
+             x_{t+1} = x_t − η_t(Δ̃_t + μ m̃_t + λ x_t)
+      9.     e_{t+1,i} = p_{t,i} − Δ_{t,i}
+     10.   on the server
+     11.     pull Δ_{t,i};  p̃_t = (1/M) Σ_i Δ_{t,i} + r_t ẽ_t
+     12.     push Δ̃_t = C_B(p̃_t) to each worker  (the box's "‖p̃_t, G_b‖" is ‖p̃_{t,G_b}‖)
+     13.     ẽ_{t+1} = p̃_t − Δ̃_t
+    Default codec ``block_sign``.  With μ = 0 the iterates are bit-identical to dist_ef_blocksgd.
+    """
+
+    name = "dist_ef_blocksgdm"
+    default_codec = "block_sign"
+    momentum = True
+
+    def __init__(self, x, env, momentum: float = 0.9):
+        super().__init__(x, env, momentum=momentum)
+
+    def step(self, t, lr, grad):
+        r = lr_ratio(self.lr_prev, lr)                       # 3. r_t = η_{t−1}/η_t
+        up = None
+        if self.is_worker:                                   # 4.
+            g = grad()
+            self.m *= self.mu                                # 5. m_{t,i} = μ m_{t−1,i} + g_{t,i}
+            self.m += g
+            p = (self.mu * self.m + g) + r * self.e          # 6. p_{t,i}
+            up, delta = self.compress(p)                     # 7. Δ_{t,i} = C(p_{t,i})
+            np.subtract(p, delta, out=self.e)                # 9. e_{t+1,i} = p_{t,i} − Δ_{t,i}
+        payloads = self.push(up)                             # 7./11. push, pull at the server
+        down = self.server_step(r, payloads)                 # 11.–13.
+        self.apply(lr, self.pull(down))                      # 12. push Δ̃_t; 8. x_{t+1} (+ m̃)
+        self.lr_prev = lr
+        self.rounds += 1
+
+
+@ALGORITHMS.register("dist_ef_sgdm", params=MomentumParams)
+class DistEFSGDM(DistEFBlockSGDM):
+    """Momentum dist-EF-SGD with any compressor: Algorithm 4 with C in place of C_B ("the
+    corresponding non-block variant is analogous", L183).  Default codec ``sign`` (eq. (1))."""
+
+    name = "dist_ef_sgdm"
+    default_codec = "sign"
+
+
+# ----------------------------------------------------------------------------------------------
+# majority vote
+# ----------------------------------------------------------------------------------------------
+def pack_signs(v: np.ndarray) -> np.ndarray:
+    """1 bit per element, MSB-first, zero-padded to a byte: bit 1 ⇔ v_j ≥ 0 (sign(0) = +1)."""
+    return np.packbits(v >= 0)
+
+
+def unpack_signs(data, d: int) -> np.ndarray:
+    """The ±1 float32 vector of a :func:`pack_signs` payload of d elements."""
+    data = np.asarray(data)
+    if data.dtype != np.uint8 or data.ndim != 1 or data.size != (d + 7) // 8:
+        raise ValueError(f"sign payload must be {(d + 7) // 8} bytes for d={d}, got shape "
+                         f"{getattr(data, 'shape', None)} dtype {getattr(data, 'dtype', None)}")
+    bits = np.unpackbits(data, count=d)
+    return bits.astype(np.float32) * np.float32(2.0) - np.float32(1.0)
+
+
+def majority_vote(payloads, d: int) -> np.ndarray:
+    """Bits of sign(Σ_i s_i) for M packed sign vectors s_i ∈ {−1, +1}^d, with sign(0) = +1.
+
+    Σ_i s_i = 2·(number of +1) − M; with M odd it is odd, hence never 0; with M even a tie
+    (as many +1 as −1) votes +1.  Returns the packed majority (1 bit per element).
+    """
+    M = len(payloads)
+    if M < 1:
+        raise ValueError("majority_vote needs at least one payload")
+    ones = np.zeros(d, dtype=np.int64)
+    for data in payloads:
+        data = np.asarray(data)
+        if data.dtype != np.uint8 or data.ndim != 1 or data.size != (d + 7) // 8:
+            raise ValueError(f"sign payload must be {(d + 7) // 8} bytes for d={d}, got {data.size}")
+        ones += np.unpackbits(data, count=d)
+    return np.packbits(2 * ones - M >= 0)
+
+
+class _MajorityVote(_ServerAlgorithm):
+    """Worker sends sign(v_i) (1 bit/element); the server returns sign(Σ_i sign(v_i)) (1 bit/element)."""
+
+    uses_codec = False
+
+    def __init__(self, x, env, momentum: float = 0.0):
+        super().__init__(x, env)
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        self.mu = np.float32(momentum)
+        self.one_minus_mu = np.float32(1.0 - momentum)
+        self.m = np.zeros(env.d, dtype=np.float32) if self.is_worker else None
+
+    def vote_and_apply(self, lr, up: Optional[np.ndarray]) -> None:
+        payloads = self.push(up)                                              # push sign(v_i)
+        down = majority_vote(payloads, self.env.d) if self.is_server else None   # server: vote
+        got = self.pull(down)                                                 # pull the vote
+        if self.is_worker:
+            s = unpack_signs(got, self.env.d)
+            lam = self.env.weight_decay
+            if lam:
+                s = s + np.float32(lam) * self.x                              # λx_t outside the sign
+            self.x -= np.float32(lr) * s                                      # x_{t+1} = x_t − η_t(·)
+        self.rounds += 1
+
+    def state_dict(self):
+        s = super().state_dict()
+        if self.is_worker:
+            s["m"] = self.m
+        return s
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        if self.is_worker:
+            self._load_array(self.m, state["m"])
+
+
+@ALGORITHMS.register("signsgd_mv")
+class SignSGDMV(_MajorityVote):
+    """signSGD with majority vote (Bernstein et al., cited as [3], dist-ef L28; ALGORITHMS.md §A).
+
+    Each step t:
+      1. worker i: g_{t,i} = ∇f(x_t; ξ_{t,i}); push s_{t,i} = sign(g_{t,i})  (1 bit each, sign(0) = +1)
+      2. server:   push v_t = sign(Σ_i s_{t,i}) to every worker              (1 bit each; tie → +1)
+      3. worker i: x_{t+1} = x_t − η_t (v_t + λ x_t)                          (weight decay outside the sign)
+    Wire: d bits each way per worker (Table 1: 2Md), zero-padded to a byte; no codec section.
+    """
+
+    name = "signsgd_mv"
+
+    def __init__(self, x, env):
+        super().__init__(x, env, momentum=0.0)
+
+    def step(self, t, lr, grad):
+        up = pack_signs(grad()) if self.is_worker else None   # 1.
+        self.vote_and_apply(lr, up)                           # 2., 3.
+
+
+@ALGORITHMS.register("signum_mv", params=MomentumParams)
+class SignumMV(_MajorityVote):
+    """Signum with majority vote (Bernstein et al. [3, 4]; ALGORITHMS.md §A).
+
+    Each step t (m_{−1,i} = 0):
+      1. worker i: m_{t,i} = μ m_{t−1,i} + (1 − μ) g_{t,i}; push sign(m_{t,i})   (sign(0) = +1)
+      2. server:   push v_t = sign(Σ_i sign(m_{t,i})) to every worker            (tie → +1)
+      3. worker i: x_{t+1} = x_t − η_t (v_t + λ x_t)
+    """
+
+    name = "signum_mv"
+
+    def __init__(self, x, env, momentum: float = 0.9):
+        super().__init__(x, env, momentum=momentum)
+
+    def step(self, t, lr, grad):
+        up = None
+        if self.is_worker:
+            g = grad()
+            self.m *= self.mu                                  # 1. m_t = μ m_{t−1} + (1 − μ) g_t
+            self.m += self.one_minus_mu * g
+            up = pack_signs(self.m)                            # 1. sign(m_t)
+        self.vote_and_apply(lr, up)                            # 2., 3.
