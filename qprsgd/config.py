@@ -38,10 +38,10 @@ class _Strict(BaseModel):
 class ScheduleConfig(_Strict):
     """Learning-rate schedule: lr * gamma**(number of milestones passed), after a linear warm-up."""
 
-    kind: Literal["constant", "step"] = "constant"
+    kind: Literal["constant", "step"] = Field("constant", description="constant | step (×gamma at each milestone)")
     milestones: List[float] = Field(default_factory=list, description="epochs at which lr is multiplied by gamma")
-    gamma: float = Field(0.1, gt=0)
-    warmup_epochs: float = Field(0.0, ge=0)
+    gamma: float = Field(0.1, gt=0, description="decay factor at each milestone")
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up length")
 
     @model_validator(mode="after")
     def _check(self):
@@ -55,30 +55,30 @@ class ScheduleConfig(_Strict):
 class TrainConfig(_Strict):
     epochs: float = Field(3.0, gt=0, description="passes over the data (fractions allowed)")
     batch_size: int = Field(32, ge=1, description="per worker")
-    lr: float = Field(0.1, gt=0)
-    schedule: ScheduleConfig = ScheduleConfig()
-    weight_decay: float = Field(0.0, ge=0)
+    lr: float = Field(0.1, gt=0, description="base learning rate γ / η")
+    schedule: ScheduleConfig = Field(ScheduleConfig(), description="learning-rate schedule (below)")
+    weight_decay: float = Field(0.0, ge=0, description="λ; each algorithm says where λx enters")
     eval_every: int = Field(50, ge=1, description="steps between evaluations (also at the end)")
     log_every: int = Field(10, ge=1, description="steps per metrics row")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = never")
-    target_accuracy: Optional[float] = Field(None, gt=0, le=1)
+    target_accuracy: Optional[float] = Field(None, gt=0, le=1, description="for reports: time/bits to this accuracy")
 
 
 class RunConfig(_Strict):
-    name: str = Field("run", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field("run", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="names the results folder")
     threads: int = Field(1, ge=1, description="torch threads per rank")
-    device: Literal["cpu", "cuda"] = "cpu"
+    device: Literal["cpu", "cuda"] = Field("cpu", description="cpu | cuda (one GPU per rank, local rank order)")
     server: Literal["rank0", "dedicated"] = Field(
         "rank0", description="parameter server / centre placement: rank 0 doubles as server, or one extra rank")
-    progress: bool = True
+    progress: bool = Field(True, description="progress line on rank 0 at each evaluation")
 
 
 class DataConfig(_Strict):
-    name: str = "digits"
-    data_dir: Optional[str] = None
-    shard: Literal["iid", "dirichlet"] = "iid"
+    name: str = Field("digits", description="a dataset name (qprsgd list)")
+    data_dir: Optional[str] = Field(None, description="folder holding the files (nothing downloads)")
+    shard: Literal["iid", "dirichlet"] = Field("iid", description="iid | dirichlet (non-iid over labels)")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration for shard: dirichlet")
-    params: dict = Field(default_factory=dict)
+    params: dict = Field(default_factory=dict, description="the dataset's own parameters")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -61,6 +61,44 @@ def git_commit() -> str:
         return "unknown"
 
 
+class HostMirror:
+    """Where the algorithm's x lives.
+
+    On the CPU, ``x`` *is* the model's flat parameter buffer (a numpy view: no copies).  With
+    ``run.device: cuda`` the model computes on the GPU and the algorithm, codec and comm work on a
+    host copy: ``to_device()`` uploads x before a forward pass, ``grad_to_host()`` downloads the
+    flat gradient after backward (``.cpu()`` synchronises the stream, so MPI never sees a
+    half-written buffer).  This is host staging; see docs/performance.md for what it costs.
+    """
+
+    def __init__(self, flat):
+        self.flat = flat
+        self.on_gpu = flat.flat.device.type != "cpu"
+        if self.on_gpu:
+            self.x = flat.flat.detach().cpu().numpy().copy()
+            self._g = np.empty_like(self.x)
+        else:
+            self.x = flat.x_numpy()
+
+    def to_device(self) -> None:
+        if self.on_gpu:
+            self.flat.flat.copy_(torch.from_numpy(self.x))
+
+    def grad_to_host(self) -> np.ndarray:
+        if self.on_gpu:
+            self._g[...] = self.flat.grad.detach().cpu().numpy()
+            return self._g
+        return self.flat.grad_numpy()
+
+
+def cuda_device(rank_on_node: int):
+    """The GPU for this rank (local ranks round-robin over visible devices), or a clear error."""
+    if not torch.cuda.is_available():
+        raise ValueError("run.device: 'cuda' but torch sees no CUDA device (got torch "
+                         f"{torch.__version__}); use run.device: cpu")
+    return torch.device("cuda", rank_on_node % torch.cuda.device_count())
+
+
 @dataclass
 class Roles:
     world_size: int
@@ -100,6 +138,8 @@ def build_topology(cfg: Config, M: int):
 def preflight(cfg: Config, world_size: int) -> None:
     """Checks that need the world size; run on rank 0 before any rank starts work."""
     roles = roles_for(cfg, world_size)
+    if cfg.run.device == "cuda":
+        cuda_device(0)
     try:
         build_topology(cfg, roles.M)
     except ValueError as e:
@@ -124,7 +164,7 @@ class Experiment:
     total_steps: int
     out_dir: str
     loss_name: str
-    extra: dict = field(default_factory=dict)
+    mirror: HostMirror
 
     @property
     def is_worker(self) -> bool:
@@ -188,7 +228,12 @@ def build(cfg: Config, world, out_dir: str) -> Experiment:
     from .models import FlatParams, build_model
     module = build_model(cfg.model.name, tuple(data.in_shape), data.num_classes, seed=cfg.seed,
                          **cfg.model.kwargs())
+    if cfg.run.device == "cuda":
+        local = int(os.environ.get("MPI_LOCALRANKID", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK",
+                                   os.environ.get("SLURM_LOCALID", rank))))
+        module = module.to(cuda_device(local))
     flat = FlatParams(module)
+    mirror = HostMirror(flat)
     loss_name = getattr(module, "loss_name", "cross_entropy")
 
     topo = build_topology(cfg, M)
@@ -205,9 +250,9 @@ def build(cfg: Config, world, out_dir: str) -> Experiment:
         weight_decay=cfg.train.weight_decay,
         extra={} if topo is None else {"topology": topo},
     )
-    algo = cls(flat.x_numpy(), env, **cfg.algorithm.kwargs())
+    algo = cls(mirror.x, env, **cfg.algorithm.kwargs())
     return Experiment(cfg, comm, roles, module, flat, data, train_idx, test_idx, stream, codec, algo,
-                      topo, steps_per_epoch, total_steps, out_dir, loss_name)
+                      topo, steps_per_epoch, total_steps, out_dir, loss_name, mirror)
 
 
 def run_attrs(cfg: Config, exp: Experiment) -> dict:

@@ -29,10 +29,12 @@ class Loop:
         self.exp = exp
         self.logger = logger  # rank 0 only
         d = exp.data
-        self.x_train = torch.from_numpy(np.ascontiguousarray(d.x_train))
-        self.y_train = torch.from_numpy(np.ascontiguousarray(d.y_train))
-        self.x_test = torch.from_numpy(np.ascontiguousarray(d.x_test))
-        self.y_test = torch.from_numpy(np.ascontiguousarray(d.y_test))
+        dev = exp.flat.flat.device
+        # the dataset sits on the model's device once, so a batch is an index_select there
+        self.x_train = torch.from_numpy(np.ascontiguousarray(d.x_train)).to(dev)
+        self.y_train = torch.from_numpy(np.ascontiguousarray(d.y_train)).to(dev)
+        self.x_test = torch.from_numpy(np.ascontiguousarray(d.x_test)).to(dev)
+        self.y_test = torch.from_numpy(np.ascontiguousarray(d.y_test)).to(dev)
         self.t = 0
         self.wall_offset = 0.0
         self._reset_row()
@@ -88,8 +90,9 @@ class Loop:
         def grad():
             t0 = time.perf_counter()
             idx, _ = e.stream.next()
-            gi = torch.from_numpy(e.train_idx[idx])
+            gi = torch.from_numpy(e.train_idx[idx]).to(self.x_train.device)
             xb, yb = self.x_train[gi], self.y_train[gi]
+            e.mirror.to_device()
             e.module.train()
             e.flat.zero_grad()
             out = e.module(xb)
@@ -98,7 +101,7 @@ class Loop:
             self.row_loss += float(loss.detach())
             self.row_loss_n += 1
             self.row_compute += time.perf_counter() - t0
-            return e.flat.grad_numpy()
+            return e.mirror.grad_to_host()
 
         return grad
 
@@ -108,9 +111,10 @@ class Loop:
         e = self.exp
         loss_sum = correct = n = 0.0
         if e.is_worker and len(e.test_idx):
+            e.mirror.to_device()
             e.module.eval()
             for s in range(0, len(e.test_idx), 1024):
-                gi = torch.from_numpy(e.test_idx[s:s + 1024])
+                gi = torch.from_numpy(e.test_idx[s:s + 1024]).to(self.x_test.device)
                 xb, yb = self.x_test[gi], self.y_test[gi]
                 out = e.module(xb)
                 if e.loss_name == "mse":
@@ -123,7 +127,7 @@ class Loop:
         cons = 0.0
         wc = e.algorithm.env.worker_comm
         if e.is_worker:
-            x = e.flat.x_numpy().astype(np.float64)
+            x = e.mirror.x.astype(np.float64)
             xbar = x.copy()
             wc.allreduce_mean(xbar, count=False)
             cons_local = float(np.sum((x - xbar) ** 2))
@@ -141,7 +145,7 @@ class Loop:
     def save_checkpoint(self, elapsed: float):
         e = self.exp
         rows = self.logger.rows() if self.logger is not None else {}
-        arrays = {"x": e.flat.x_numpy()}
+        arrays = {"x": e.mirror.x}
         for k, v in e.algorithm.state_dict().items():
             arrays["alg/" + k] = v
         for k, v in e.flat.buffers_state().items():
@@ -167,7 +171,8 @@ class Loop:
     def load_checkpoint(self, info: dict):
         e = self.exp
         arrays, meta = ckpt.load_rank(e.out_dir, e.comm.rank, int(info["step"]))
-        e.flat.x_numpy()[...] = arrays["x"]
+        e.mirror.x[...] = arrays["x"]
+        e.mirror.to_device()
         e.algorithm.load_state_dict({k[4:]: v for k, v in arrays.items() if k.startswith("alg/")})
         e.flat.load_buffers_state({k[4:]: v for k, v in arrays.items() if k.startswith("buf/")})
         ckpt.set_rng_state(e.algorithm.env.rng, meta["rng_alg"])
@@ -265,4 +270,4 @@ class Loop:
     def final_params(self) -> Optional[np.ndarray]:
         """Gather every rank's flat parameters to rank 0 (world_size x d float32)."""
         e = self.exp
-        return e.comm.gather_vectors(np.ascontiguousarray(e.flat.x_numpy(), dtype=np.float32))
+        return e.comm.gather_vectors(np.ascontiguousarray(e.mirror.x, dtype=np.float32))
