@@ -8,6 +8,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from qprsgd.config import DataConfig, RunConfig, ScheduleConfig, TrainConfig  # noqa: E402
 
 
+def _constraint(m) -> str:
+    for attr, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="), ("min_length", "len >="),
+                      ("pattern", "matches")):
+        v = getattr(m, attr, None)
+        if v is not None:
+            return f"{sym} {v}"
+    return str(m)
+
+
 def rows(model, prefix):
     out = []
     for k, f in model.model_fields.items():
@@ -17,8 +26,7 @@ def rows(model, prefix):
         if typing.get_origin(ann) is typing.Literal:
             allowed = " \\| ".join(map(str, typing.get_args(ann)))
         else:
-            allowed = " ".join(type(m).__name__.lower() + " " + str(next(iter(vars(m).values())))
-                               for m in f.metadata) or getattr(ann, "__name__", str(ann))
+            allowed = " ".join(_constraint(m) for m in f.metadata) or getattr(ann, "__name__", str(ann))
         out.append(f"| `{prefix}.{k}` | `{d}` | {allowed} | {f.description or ''} |")
     return out
 
