@@ -38,7 +38,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # commands contributed by other modules: name -> module with add_parser(sub) and main(args)
-_EXTRA: dict[str, str] = {}
+_EXTRA: dict[str, str] = {
+    "netem": "netem",
+    "sweep": "sweep",
+    "report": "report",
+}
 
 
 def _default_out(name: str) -> str:

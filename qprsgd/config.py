@@ -38,7 +38,7 @@ class _Strict(BaseModel):
 class ScheduleConfig(_Strict):
     """Learning-rate schedule: lr * gamma**(number of milestones passed), after a linear warm-up."""
 
-    kind: Literal["constant", "step"] = Field("constant", description="constant | step (×gamma at each milestone)")
+    kind: Literal["constant", "step"] = Field("constant", description="step: ×gamma at each milestone")
     milestones: List[float] = Field(default_factory=list, description="epochs at which lr is multiplied by gamma")
     gamma: float = Field(0.1, gt=0, description="decay factor at each milestone")
     warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up length")
@@ -67,7 +67,7 @@ class TrainConfig(_Strict):
 class RunConfig(_Strict):
     name: str = Field("run", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="names the results folder")
     threads: int = Field(1, ge=1, description="torch threads per rank")
-    device: Literal["cpu", "cuda"] = Field("cpu", description="cpu | cuda (one GPU per rank, local rank order)")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="cuda: one GPU per rank, by local rank")
     server: Literal["rank0", "dedicated"] = Field(
         "rank0", description="parameter server / centre placement: rank 0 doubles as server, or one extra rank")
     progress: bool = Field(True, description="progress line on rank 0 at each evaluation")
@@ -76,7 +76,7 @@ class RunConfig(_Strict):
 class DataConfig(_Strict):
     name: str = Field("digits", description="a dataset name (qprsgd list)")
     data_dir: Optional[str] = Field(None, description="folder holding the files (nothing downloads)")
-    shard: Literal["iid", "dirichlet"] = Field("iid", description="iid | dirichlet (non-iid over labels)")
+    shard: Literal["iid", "dirichlet"] = Field("iid", description="dirichlet: non-iid over labels")
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration for shard: dirichlet")
     params: dict = Field(default_factory=dict, description="the dataset's own parameters")
 

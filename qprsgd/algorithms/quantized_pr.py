@@ -73,3 +73,120 @@ class PRSGD(Algorithm):
         if is_round_end(t, self.K, self.avg_phase):
             self.env.worker_comm.allreduce_mean(self.x)      # 2. average the models
             self.rounds += 1
+
+
+def _mean_decoded(codec, payloads, d: int) -> np.ndarray:
+    """(1/M) Σ_j decode(payload_j): decoded in rank order 0..M−1, summed in that order in float32,
+    then divided by M, so every worker computes the identical vector."""
+    acc = np.zeros(d, dtype=np.float32)
+    for p in payloads:
+        acc += np.asarray(codec.decode(p), dtype=np.float32)
+    acc /= np.float32(len(payloads))
+    return acc
+
+
+@ALGORITHMS.register("qsgd")
+class QSGD(Algorithm):
+    """Quantized SGD, all-reduce paradigm (quantized-pr-sgd §3.2, eq. (2)–(3), L67–76; Alistarh et al.).
+
+    PSGD with compressed gradients.  Each step, on every worker i:
+      1. g_i = ∇f_i(x; ξ_i) (+ λx)               (stochastic gradient; weight decay folded in)
+      2. q_i = Q(g_i)                             (encode with the configured codec, draws from env.rng)
+      3. send q_i to all, receive q_j ∀j          (allgather of byte payloads: compressed values
+                                                   cannot be summed by MPI)
+      4. ḡ = (1/M) Σ_j decode(q_j)                (rank order 0..M−1, float32, then ÷M)
+      5. x ← x − γ ḡ                              (identical on every worker)
+    The codec defaults to ``qsgd`` with its own default level s = ⌈√d⌉ (quantized-pr-sgd L265).
+    One communication round per step.
+    """
+
+    name = "qsgd"
+    uses_codec = True
+    default_codec = "qsgd"
+
+    def step(self, t, lr, grad):
+        env = self.env
+        g = self._wd(grad())                                             # 1.
+        q = env.codec.encode(g, env.rng)                                 # 2.
+        received = env.worker_comm.allgather_bytes(q.data, "allgather")  # 3.
+        g_bar = _mean_decoded(env.codec, received, env.d)                # 4.
+        self.x -= np.float32(lr) * g_bar                                 # 5.
+        self.rounds += 1
+
+
+class QPRSGDParams(_Params):
+    K: int = Field(4, ge=1, description="local steps per synchronization round")
+    avg_phase: Literal["end", "k0"] = "end"
+
+
+@ALGORITHMS.register("qpr_sgd", params=QPRSGDParams)
+class QPRSGD(Algorithm):
+    """Quantized-PR-SGD, all-reduce paradigm (quantized-pr-sgd Algorithm 1, L114; ALGORITHMS.md §A).
+
+    Worker m, round n (lines as numbered in the paper's box):
+      1. for n = 1..N:
+      2.   x_{n;0} ← x̃_n
+      3.   for k = 0..K−1:
+      4.     draw ξ_k                                   (the next batch of this worker's shard)
+      5.     x_{n;k+1} ← x_{n;k} − γ ∇f_m(x_{n;k}; ξ_k)  (+ λ x_{n;k} in the gradient)
+      7.   g_n ← Q(x_{n;0} − x_{n;K})
+      8.   send g_n to all other nodes
+      9.   receive g_n^(j), ∀j:  Δ ← (1/M) Σ_j g_n^(j)   (rank order, float32, then ÷M)
+     10.   x̃_{n+1} ← x̃_n − Δ
+    (The extracted box runs "Receive …: 9 Δ ← … Update … 10 11 end": receiving and averaging are
+    line 9, the update line 10, ``end`` line 11.)
+
+    Decisions (docs/algorithms-allreduce.md):
+      * Sign: line 5 keeps its minus (L114; the extraction drops it elsewhere, ALGORITHMS.md
+        "Known problems"), and line 7 quantizes x_0 − x_K, the sum of the K scaled gradients, so
+        line 10 subtracts the mean: with Q = identity, x̃_{n+1} = (1/M) Σ_m x_{n;K}^(m), which is
+        PR-SGD's average (``pr_sgd``), up to float rounding.
+      * Line 9's "Σ_i … g^(j)" is Σ_j (ALGORITHMS.md).  The sender's own g_n is decoded too, so
+        every worker applies the identical Δ (its own quantization error included).
+      * Step size: γ is the runner's per-step lr_t (as ``pr_sgd``), so a schedule milestone that
+        falls inside a round changes γ for the remaining local steps; with milestones on round
+        boundaries this is the paper's per-round γ_n.
+      * Weight decay λx is folded into each local gradient (``Algorithm._wd``), as in PSGD; it is
+        then quantized with the rest of x_0 − x_K.
+      * Rounds end after local steps K, 2K, … (``avg_phase="end"``) or after steps 1, K+1, …
+        (``"k0"``), as ``pr_sgd``.  The codec draws once per round (one ``encode`` call).
+      * State: x̃ (``x_tilde``) is kept between rounds and checkpointed; after line 10 every worker
+        sets x ← x̃ (line 2 of the next round).
+    """
+
+    name = "qpr_sgd"
+    uses_codec = True
+    default_codec = "qsgd"
+
+    def __init__(self, x, env, K: int = 4, avg_phase: str = "end"):
+        super().__init__(x, env)
+        if int(K) < 1:
+            raise ValueError(f"K must be >= 1, got {K!r}")
+        if avg_phase not in ("end", "k0"):
+            raise ValueError(f"avg_phase must be 'end' or 'k0', got {avg_phase!r}")
+        self.K = int(K)
+        self.avg_phase = avg_phase
+        self.x_tilde = None if x is None else x.copy()   # x̃_1 = x_0 (identical on every worker)
+
+    def step(self, t, lr, grad):
+        env = self.env
+        # 2. x_{n;0} = x̃_n: x already holds it (set at the end of the previous round / at start)
+        g = self._wd(grad())                                             # 4. ξ_k, gradient at x_{n;k}
+        self.x -= np.float32(lr) * g                                     # 5. x_{n;k+1}
+        if not is_round_end(t, self.K, self.avg_phase):
+            return
+        q = env.codec.encode(self.x_tilde - self.x, env.rng)             # 7. g_n = Q(x_{n;0} − x_{n;K})
+        received = env.worker_comm.allgather_bytes(q.data, "allgather")  # 8.–9. send g_n, receive all g^(j)
+        delta = _mean_decoded(env.codec, received, env.d)                # 9. Δ = (1/M) Σ_j g^(j)
+        self.x_tilde -= delta                                            # 10. x̃_{n+1} = x̃_n − Δ
+        self.x[...] = self.x_tilde                                       # 2. (next round) x_{n+1;0} = x̃_{n+1}
+        self.rounds += 1
+
+    def state_dict(self):
+        s = super().state_dict()
+        s["x_tilde"] = self.x_tilde
+        return s
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self._load_array(self.x_tilde, state["x_tilde"])
