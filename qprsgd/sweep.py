@@ -1,0 +1,427 @@
+"""``qprsgd sweep SWEEP.yaml``: expand a sweep into runs, validate them, run them or write a job array.
+
+Sweep file (docs/sweeps.md)::
+
+    name: r3                      # results/<name>/ (override with --out)
+    base: ../default.yaml         # a config file (relative to this file) or an inline mapping
+    ranks: 8                      # processes per run (mpiexec -n); may also be an axis
+    set:                          # dotted overrides applied to the base before the axes
+      train.epochs: 4
+    grid:                         # cartesian product of these axes (dotted keys)
+      algorithm: [{name: psgd}, {name: pr_sgd, K: 4}, {name: qpr_sgd, K: 4}]
+      seed: [0, 1]
+    zip:                          # axes advanced together (equal lengths): one more grid axis
+      codec.name: [identity, qsgd]
+      run.name: [full, quant]
+
+An axis value that is a mapping replaces the whole section (``algorithm: {name: pr_sgd, K: 4}``),
+so combinations that need different parameters are written as one axis; ``zip`` may also be a
+list of such groups.  The key ``ranks`` sets the process count of a run.
+
+Every run is validated with ``qprsgd.config.validate`` (and the topology pre-flight for its
+rank count) before anything runs; invalid combinations are listed with the reason and, unless
+``--skip-invalid``, nothing runs.  Run folders are ``<out>/<NNN>-<label>/`` holding
+``config.yaml`` (the normalized config) and, after the run, ``run.h5``.  ``<out>/sweep.json``
+holds the plan and ``<out>/index.csv`` one row per run (status and headline numbers).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import itertools
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from . import config as qconfig
+
+SWEEP_KEYS = ("name", "base", "ranks", "set", "grid", "zip", "description")
+JOBS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs")
+
+
+class SweepError(ValueError):
+    pass
+
+
+@dataclass
+class Run:
+    index: int
+    name: str
+    ranks: int
+    axes: dict            # dotted key -> value of this run
+    raw: dict             # the config dict after base + set + axes
+    label: str            # axes without seed (runs with equal labels are repeats)
+    error: Optional[str] = None
+    yaml: Optional[str] = None   # normalized config (when valid)
+    folder: str = ""
+    status: str = "planned"
+    extra: dict = field(default_factory=dict)
+
+
+def set_dotted(d: dict, key: str, value: Any) -> None:
+    """``set_dotted(cfg, 'algorithm.K', 4)``; a mapping value replaces the whole node."""
+    parts = key.split(".")
+    if not all(parts):
+        raise SweepError(f"axis key {key!r}: empty component")
+    node = d
+    for p in parts[:-1]:
+        if node.get(p) is None:
+            node[p] = {}
+        if not isinstance(node[p], dict):
+            raise SweepError(f"axis key {key!r}: {p!r} is not a mapping (got {node[p]!r})")
+        node = node[p]
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, dict):
+        head = str(value.get("name", ""))
+        rest = [f"{k}{_short(v)}" for k, v in value.items() if k != "name"]
+        return "_".join([head] + rest) if head else "_".join(rest)
+    if isinstance(value, (list, tuple)):
+        return "x".join(_short(v) for v in value)
+    return re.sub(r"[^A-Za-z0-9.]+", "", str(value))
+
+
+def _label_part(key: str, value: Any) -> str:
+    leaf = key.split(".")[-1]
+    if isinstance(value, dict) or leaf == "name":
+        return _short(value)
+    if leaf == "seed":
+        return f"s{_short(value)}"
+    return f"{leaf}{_short(value)}"
+
+
+def _axes(spec: dict) -> list[list[dict]]:
+    """Each axis: a list of {key: value} assignments (a zip group assigns several keys)."""
+    axes = []
+    grid = spec.get("grid") or {}
+    if not isinstance(grid, dict):
+        raise SweepError(f"grid: must be a mapping of dotted key -> list of values (got {grid!r})")
+    for k, vals in grid.items():
+        if not isinstance(vals, list) or not vals:
+            raise SweepError(f"grid.{k}: must be a non-empty list (got {vals!r})")
+        axes.append([{k: v} for v in vals])
+    zips = spec.get("zip") or []
+    if isinstance(zips, dict):
+        zips = [zips]
+    if not isinstance(zips, list):
+        raise SweepError(f"zip: must be a mapping (or a list of mappings) of key -> list (got {zips!r})")
+    for gi, group in enumerate(zips):
+        if not isinstance(group, dict) or not group:
+            raise SweepError(f"zip[{gi}]: must be a non-empty mapping (got {group!r})")
+        lens = {k: len(v) if isinstance(v, list) else -1 for k, v in group.items()}
+        if any(n <= 0 for n in lens.values()) or len(set(lens.values())) != 1:
+            raise SweepError(f"zip[{gi}]: every key needs a non-empty list of the same length (got lengths {lens})")
+        n = next(iter(lens.values()))
+        axes.append([{k: group[k][i] for k in group} for i in range(n)])
+    return axes
+
+
+def load_spec(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise SweepError(f"sweep file {path!r} does not exist") from None
+    except yaml.YAMLError as e:
+        raise SweepError(f"sweep file {path!r} is not valid YAML: {e}") from None
+    if not isinstance(spec, dict):
+        raise SweepError(f"sweep file {path!r}: top level must be a mapping")
+    spec = dict(spec)
+    spec["_dir"] = os.path.dirname(os.path.abspath(path))
+    spec.setdefault("name", os.path.splitext(os.path.basename(path))[0])
+    return spec
+
+
+def expand(spec: dict, validate: bool = True) -> list[Run]:
+    """The runs of a sweep, in order (the last axis varies fastest), each validated."""
+    unknown = [k for k in spec if k not in SWEEP_KEYS and not k.startswith("_")]
+    if unknown:
+        raise SweepError(f"unknown sweep keys {unknown}; allowed: {', '.join(SWEEP_KEYS)}")
+    name = str(spec.get("name", "sweep"))
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise SweepError(f"name: only letters, digits, '_', '.', '-' (got {name!r})")
+    base = spec.get("base", {})
+    if isinstance(base, str):
+        p = base if os.path.isabs(base) else os.path.join(spec.get("_dir", "."), base)
+        base = qconfig.load_yaml(p)
+    if not isinstance(base, dict):
+        raise SweepError(f"base: must be a config file path or a mapping (got {base!r})")
+    ranks0 = spec.get("ranks", 1)
+    sets = spec.get("set") or {}
+    if not isinstance(sets, dict):
+        raise SweepError(f"set: must be a mapping of dotted key -> value (got {sets!r})")
+    axes = _axes(spec)
+    runs = []
+    for i, combo in enumerate(itertools.product(*axes) if axes else [()]):
+        raw = copy.deepcopy(base)
+        for k, v in sets.items():
+            set_dotted(raw, k, v)
+        assign: dict = {}
+        for part in combo:
+            assign.update(part)
+        ranks = ranks0
+        for k, v in assign.items():
+            if k == "ranks":
+                ranks = v
+            else:
+                set_dotted(raw, k, v)
+        label = "-".join(_label_part(k, v) for k, v in assign.items() if k.split(".")[-1] != "seed") or "base"
+        full = "-".join(_label_part(k, v) for k, v in assign.items()) or "base"
+        run = Run(i, f"{i:03d}-{full}"[:120], ranks, assign, raw, label)
+        if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+            run.error = f"ranks: must be a positive integer (got {ranks!r})"
+        elif validate:
+            try:
+                cfg = qconfig.validate(raw)
+                from .experiment import preflight
+                preflight(cfg, ranks)
+                run.yaml = cfg.to_yaml()
+            except (qconfig.ConfigError, ValueError) as e:
+                run.error = str(e).replace("\n", " ")
+        runs.append(run)
+    return runs
+
+
+# -- files ---------------------------------------------------------------------------------------
+INDEX_FIELDS = ["run", "label", "ranks", "status", "final_accuracy", "best_accuracy", "final_test_loss",
+                "steps", "rounds", "bits_sent", "wall_time", "folder"]
+
+
+def summarize_run(h5: str) -> dict:
+    """Headline numbers of a finished run (empty if the log is missing)."""
+    if not os.path.exists(h5):
+        return {}
+    from .logger import read
+    log = read(h5)
+    ev = log.get("eval", {})
+    out = {"completed": bool(log["attrs"].get("completed", False))}
+    if len(ev.get("step", [])):
+        import numpy as np
+        acc = np.asarray(ev["test_accuracy"], float)
+        out.update(final_accuracy=float(acc[-1]),
+                   best_accuracy=float(np.nanmax(acc)) if np.isfinite(acc).any() else float("nan"),
+                   final_test_loss=float(ev["test_loss"][-1]), steps=int(ev["step"][-1]),
+                   rounds=int(ev["rounds"][-1]), bits_sent=int(ev["bits_sent"][-1]),
+                   wall_time=float(ev["wall_time"][-1]))
+    return out
+
+
+def write_index(out: str, runs: list[Run]) -> str:
+    keys = []
+    for r in runs:
+        for k in r.axes:
+            if k not in keys:
+                keys.append(k)
+    path = os.path.join(out, "index.csv")
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(INDEX_FIELDS[:4] + keys + INDEX_FIELDS[4:] + ["error"])
+        for r in runs:
+            s = r.extra
+            axv = [json.dumps(r.axes[k]) if isinstance(r.axes.get(k), (dict, list)) else r.axes.get(k, "")
+                   for k in keys]
+            w.writerow([r.name, r.label, r.ranks, r.status] + axv
+                       + [s.get(k, "") for k in INDEX_FIELDS[4:11]] + [os.path.relpath(r.folder, out), r.error or ""])
+    os.replace(tmp, path)
+    return path
+
+
+def prepare(spec: dict, runs: list[Run], out: str) -> None:
+    """Create the run folders (config.yaml each), sweep.json and index.csv."""
+    os.makedirs(out, exist_ok=True)
+    for r in runs:
+        r.folder = os.path.join(out, r.name)
+        if r.error is None:
+            os.makedirs(r.folder, exist_ok=True)
+            cfgp = os.path.join(r.folder, "config.yaml")
+            h5 = os.path.join(r.folder, "run.h5")
+            if not os.path.exists(h5):
+                with open(cfgp, "w") as f:
+                    f.write(r.yaml)
+            s = summarize_run(h5)
+            if s:
+                r.extra = s
+                r.status = "done" if s.get("completed") else "incomplete"
+        else:
+            r.status = "invalid"
+    plan = {"name": spec.get("name"), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "runs": [{"index": r.index, "name": r.name, "ranks": r.ranks, "axes": r.axes, "label": r.label,
+                      "error": r.error} for r in runs]}
+    with open(os.path.join(out, "sweep.json"), "w") as f:
+        json.dump(plan, f, indent=1, default=str)
+    write_index(out, runs)
+
+
+def _mpiexec() -> str:
+    cand = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    return cand if os.path.exists(cand) else "mpiexec"
+
+
+def run_command(r: Run, mpiexec: Optional[str] = None) -> list[str]:
+    return [mpiexec or _mpiexec(), "-n", str(r.ranks), sys.executable, "-m", "qprsgd.cli", "run",
+            os.path.join(r.folder, "config.yaml"), "--out", r.folder]
+
+
+def run_local(runs: list[Run], out: str, timeout: Optional[float] = None, force: bool = False,
+              mpiexec: Optional[str] = None) -> int:
+    """Run each valid run one after another; returns the number of failed runs."""
+    failed = 0
+    for r in runs:
+        if r.error is not None:
+            continue
+        if r.status == "done" and not force:
+            print(f"[{r.index + 1}/{len(runs)}] {r.name}: done already (use --force to re-run)", flush=True)
+            continue
+        h5 = os.path.join(r.folder, "run.h5")
+        if os.path.exists(h5):
+            os.remove(h5)
+            with open(os.path.join(r.folder, "config.yaml"), "w") as f:
+                f.write(r.yaml)
+        cmd = run_command(r, mpiexec)
+        print(f"[{r.index + 1}/{len(runs)}] {r.name}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+        t0 = time.perf_counter()
+        with open(os.path.join(r.folder, "stdout.log"), "w") as lo:
+            p = subprocess.Popen(cmd, stdout=lo, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                rc = p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                import signal
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+                rc = 124
+        r.extra = summarize_run(h5)
+        r.status = "done" if rc == 0 else f"failed(rc={rc})"
+        failed += rc != 0
+        print(f"    {r.status} in {time.perf_counter() - t0:.1f}s"
+              + (f"; see {os.path.join(r.folder, 'stdout.log')}" if rc else ""), flush=True)
+        write_index(out, runs)
+    return failed
+
+
+# -- SLURM ---------------------------------------------------------------------------------------
+def fill_template(text: str, values: dict) -> str:
+    """Replace ``@KEY@``; a line whose placeholder has an empty value is dropped.  Unknown
+    placeholders are an error."""
+    out = []
+    for line in text.splitlines():
+        keys = re.findall(r"@([A-Z_]+)@", line)
+        missing = [k for k in keys if k not in values]
+        if missing:
+            raise SweepError(f"template placeholder(s) {missing} have no value")
+        if any(values[k] in ("", None) for k in keys):
+            continue
+        for k in keys:
+            line = line.replace(f"@{k}@", str(values[k]))
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def slurm_script(runs: list[Run], out: str, *, name: str, nodes: int = 1, gpus_per_node: int = 0,
+                 time_limit: str = "01:00:00", partition: str = "", account: str = "",
+                 cpus_per_task: int = 1, template: Optional[str] = None, python: Optional[str] = None) -> str:
+    """A job-array script (one array task per valid run) from jobs/slurm_array.sbatch."""
+    valid = [r for r in runs if r.error is None]
+    if not valid:
+        raise SweepError("no valid runs to put in a job array")
+    ntasks = max(r.ranks for r in valid)
+    if ntasks % nodes and nodes > 1:
+        tasks_per_node = -(-ntasks // nodes)
+    else:
+        tasks_per_node = max(ntasks // nodes, 1)
+    cases = []
+    for k, r in enumerate(valid):
+        cases.append(f"  {k}) RUN={shlex.quote(os.path.abspath(r.folder))}; RANKS={r.ranks} ;;")
+    tpl = template or os.path.join(JOBS_DIR, "slurm_array.sbatch")
+    with open(tpl) as f:
+        text = f.read()
+    values = {
+        "JOB_NAME": name, "NODES": nodes, "NTASKS": ntasks, "TASKS_PER_NODE": tasks_per_node,
+        "CPUS_PER_TASK": cpus_per_task, "GPUS_PER_NODE": gpus_per_node or "", "TIME": time_limit,
+        "PARTITION": partition, "ACCOUNT": account, "ARRAY": f"0-{len(valid) - 1}",
+        "LOG_DIR": os.path.abspath(out), "PYTHON": python or sys.executable,
+        "WORKDIR": os.getcwd(), "NRUNS": len(valid), "RUN_CASES": "\n".join(cases),
+    }
+    # RUN_CASES is multi-line: substitute it after the line-wise fill
+    values_line = dict(values, RUN_CASES="__RUN_CASES__")
+    script = fill_template(text, values_line).replace("__RUN_CASES__", values["RUN_CASES"])
+    path = os.path.join(out, "sweep.sbatch")
+    with open(path, "w") as f:
+        f.write(script)
+    os.chmod(path, 0o755)
+    return path
+
+
+# -- CLI -----------------------------------------------------------------------------------------
+def add_parser(sub) -> None:
+    p = sub.add_parser("sweep", help="expand a sweep YAML into runs: list, run locally or write a SLURM job array")
+    p.add_argument("sweep")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="list and validate the runs (default)")
+    mode.add_argument("--local", action="store_true", help="run them one after another with mpiexec")
+    mode.add_argument("--slurm", action="store_true", help="write <out>/sweep.sbatch (a job array)")
+    p.add_argument("--out", default=None, help="results folder (default: results/<sweep name>)")
+    p.add_argument("--skip-invalid", action="store_true", help="run the valid runs even if some are invalid")
+    p.add_argument("--force", action="store_true", help="--local: re-run runs that are done")
+    p.add_argument("--timeout", type=float, default=None, help="--local: seconds per run")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=0)
+    p.add_argument("--cpus-per-task", type=int, default=1)
+    p.add_argument("--time", default="01:00:00", help="SLURM time limit per array task")
+    p.add_argument("--partition", default="")
+    p.add_argument("--account", default="")
+    p.add_argument("--template", default=None, help="job-array template (default jobs/slurm_array.sbatch)")
+
+
+def main(args) -> int:
+    try:
+        spec = load_spec(args.sweep)
+        runs = expand(spec)
+    except (SweepError, qconfig.ConfigError) as e:
+        print(f"qprsgd sweep: {e}", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join("results", str(spec["name"]))
+    bad = [r for r in runs if r.error]
+    width = max(len(r.name) for r in runs)
+    print(f"sweep {spec['name']}: {len(runs)} runs ({len(bad)} invalid) -> {out}")
+    for r in runs:
+        state = "ok" if r.error is None else "INVALID"
+        print(f"  {r.name:<{width}}  n={r.ranks:<3d} {state}" + (f": {r.error}" if r.error else ""))
+    if bad and (args.local or args.slurm) and not args.skip_invalid:
+        print(f"qprsgd sweep: {len(bad)} invalid run(s) (listed above); fix the sweep or pass --skip-invalid",
+              file=sys.stderr)
+        return 2
+    if not (args.local or args.slurm):
+        print("dry run: nothing written, nothing ran (--local runs them, --slurm writes a job array)")
+        return 2 if bad else 0
+    try:
+        prepare(spec, runs, out)
+    except OSError as e:
+        print(f"qprsgd sweep: cannot write {out}: {e}", file=sys.stderr)
+        return 1
+    if args.local:
+        failed = run_local(runs, out, timeout=args.timeout, force=args.force)
+        print(f"index: {os.path.join(out, 'index.csv')}; {failed} failed")
+        return 1 if failed else 0
+    if args.slurm:
+        try:
+            path = slurm_script(runs, out, name=str(spec["name"]), nodes=args.nodes,
+                                gpus_per_node=args.gpus_per_node, time_limit=args.time,
+                                partition=args.partition, account=args.account,
+                                cpus_per_task=args.cpus_per_task, template=args.template)
+        except SweepError as e:
+            print(f"qprsgd sweep: {e}", file=sys.stderr)
+            return 2
+        print(f"wrote {path}: submit with  sbatch {path}")
+        return 0
+    return 0
