@@ -1,0 +1,150 @@
+"""Sweeps: expansion, validation, the SLURM job array, and a real --local run."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from qprsgd import sweep as sw
+
+BASE = {"seed": 0, "run": {"progress": False},
+        "train": {"epochs": 1, "batch_size": 16, "lr": 0.1, "eval_every": 5, "log_every": 1},
+        "model": {"name": "mlp", "hidden": [8]},
+        "data": {"name": "digits", "params": {"max_train": 64, "max_test": 32}},
+        "algorithm": {"name": "psgd"}}
+
+
+def write(tmp_path, spec, name="sw.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return p
+
+
+class Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def cli(*args, cwd):
+    """``qprsgd ARGS`` in this process (no MPI here; --local starts its own mpiexec jobs)."""
+    import contextlib
+    import io
+    import os
+    from qprsgd.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main([str(a) for a in args])
+    finally:
+        os.chdir(old)
+    return Result(rc, out.getvalue(), err.getvalue())
+
+
+def test_grid_times_zip_expands_in_order(tmp_path):
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    spec = {"name": "g", "base": "base.yaml", "ranks": 4, "set": {"train.epochs": 2},
+            "grid": {"algorithm": [{"name": "psgd"}, {"name": "pr_sgd", "K": 2}], "seed": [0, 1, 2]},
+            "zip": {"train.lr": [0.1, 0.05], "train.batch_size": [16, 8]}}
+    runs = sw.expand(sw.load_spec(str(write(tmp_path, spec))))
+    assert len(runs) == 2 * 3 * 2
+    assert all(r.error is None and r.ranks == 4 for r in runs)
+    # last axis fastest; zip keys advance together
+    got = [(r.raw["algorithm"]["name"], r.raw["seed"], r.raw["train"]["lr"], r.raw["train"]["batch_size"])
+           for r in runs]
+    want = [(a, s, lr, b) for a in ("psgd", "pr_sgd") for s in (0, 1, 2) for lr, b in ((0.1, 16), (0.05, 8))]
+    assert got == want
+    assert all(r.raw["train"]["epochs"] == 2 for r in runs)              # set: applied to every run
+    assert runs[3].raw["algorithm"] == {"name": "psgd"}
+    assert runs[6].raw["algorithm"] == {"name": "pr_sgd", "K": 2}
+    # repeats share a label (seed left out); names are unique
+    assert runs[0].label == runs[2].label != runs[1].label
+    assert len({r.name for r in runs}) == len(runs)
+    assert runs[6].name.startswith("006-pr_sgd_K2-s0")
+    # the validated config is the normalized YAML
+    assert yaml.safe_load(runs[6].yaml)["algorithm"]["K"] == 2
+
+
+def test_ranks_axis_and_invalid_combinations_named(tmp_path):
+    spec = {"name": "bad", "base": BASE, "grid": {"ranks": [1, 2], "algorithm.K": [2]}}
+    runs = sw.expand(sw.load_spec(str(write(tmp_path, spec))))
+    assert [r.ranks for r in runs] == [1, 2]
+    # psgd takes no K: each run names the section and the key
+    assert all(r.error and "algorithm" in r.error and "'K'" in r.error for r in runs)
+    spec = {"name": "mix", "base": BASE,
+            "grid": {"algorithm": [{"name": "psgd"}, {"name": "pr_sgd", "K": 0}], "train.lr": [0.1, -1]}}
+    runs = sw.expand(sw.load_spec(str(write(tmp_path, spec))))
+    errs = {r.name: r.error for r in runs}
+    assert errs["000-psgd-lr0.1"] is None
+    assert "train.lr" in errs["001-psgd-lr1"]
+    assert "algorithm.K" in errs["002-pr_sgd_K0-lr0.1"]
+    r = cli("sweep", tmp_path / "sw.yaml", "--dry-run", cwd=tmp_path)
+    assert r.returncode == 2 and "INVALID" in r.stdout and "algorithm.K" in r.stdout and "train.lr" in r.stdout
+    assert not (tmp_path / "results").exists()                     # a dry run writes nothing
+    r = cli("sweep", tmp_path / "sw.yaml", "--local", cwd=tmp_path)
+    assert r.returncode == 2 and "--skip-invalid" in r.stderr
+
+
+def test_bad_sweep_files_rejected(tmp_path):
+    for spec, msg in (({"grid": {"seed": 3}}, "grid.seed"), ({"zip": {"seed": [1, 2], "train.lr": [0.1]}}, "same length"),
+                      ({"gird": {}}, "unknown sweep keys"), ({"name": "a b"}, "name")):
+        with pytest.raises(sw.SweepError, match=msg):
+            sw.expand(sw.load_spec(str(write(tmp_path, dict(spec, base=BASE)))), validate=False)
+
+
+def test_slurm_script_names_every_run_and_parses(tmp_path):
+    spec = {"name": "arr", "base": BASE, "ranks": 4,
+            "grid": {"algorithm": [{"name": "psgd"}, {"name": "pr_sgd", "K": 4}], "seed": [0, 1]}}
+    p = write(tmp_path, spec)
+    r = cli("sweep", p, "--slurm", "--nodes", 2, "--gpus-per-node", 1, "--time", "00:30:00",
+            "--out", tmp_path / "res", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    script = (tmp_path / "res" / "sweep.sbatch").read_text()
+    assert subprocess.run(["bash", "-n", str(tmp_path / "res" / "sweep.sbatch")]).returncode == 0
+    plan = json.loads((tmp_path / "res" / "sweep.json").read_text())
+    assert len(plan["runs"]) == 4
+    for k, run in enumerate(plan["runs"]):
+        assert f"  {k}) RUN=" in script and run["name"] in script
+        assert (tmp_path / "res" / run["name"] / "config.yaml").exists()
+    assert "#SBATCH --array=0-3" in script and "#SBATCH --nodes=2" in script
+    assert "#SBATCH --gpus-per-node=1" in script and "#SBATCH --time=00:30:00" in script
+    assert "#SBATCH --partition" not in script                              # empty placeholder: line dropped
+    assert "@" not in script.replace("$@", "")
+    rows = list(csv.DictReader(open(tmp_path / "res" / "index.csv")))
+    assert [x["run"] for x in rows] == [x["name"] for x in plan["runs"]]
+    assert {x["status"] for x in rows} == {"planned"}
+
+
+def test_job_templates_parse():
+    for t in ("slurm_run.sbatch", "mpirun_hostfile.sh"):      # slurm_array: filled, in the test above
+        path = f"{sw.JOBS_DIR}/{t}"
+        assert subprocess.run(["bash", "-n", path]).returncode == 0, t
+    with pytest.raises(sw.SweepError, match="NODES"):
+        sw.fill_template("#SBATCH --nodes=@NODES@", {})
+
+
+@pytest.mark.mpi
+def test_local_runs_and_indexes(tmp_path):
+    spec = {"name": "loc", "base": BASE, "ranks": 1, "grid": {"seed": [0, 1]}}
+    p = write(tmp_path, spec)
+    r = cli("sweep", p, "--local", "--out", tmp_path / "res", "--timeout", 120, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = list(csv.DictReader(open(tmp_path / "res" / "index.csv")))
+    assert [x["status"] for x in rows] == ["done", "done"]
+    for x in rows:
+        h5 = tmp_path / "res" / x["folder"] / "run.h5"
+        assert h5.exists() and (tmp_path / "res" / x["folder"] / "config.yaml").exists()
+        from qprsgd.logger import read
+        log = read(str(h5))
+        assert float(x["final_accuracy"]) == pytest.approx(float(log["eval"]["test_accuracy"][-1]))
+        assert int(x["steps"]) == int(log["eval"]["step"][-1]) == 4
+    # the seeds differ, so the runs differ
+    assert rows[0]["final_test_loss"] != rows[1]["final_test_loss"]
+    # a second --local skips finished runs
+    r = cli("sweep", p, "--local", "--out", tmp_path / "res", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.count("done already") == 2
