@@ -87,7 +87,7 @@ def _mean_decoded(codec, payloads, d: int) -> np.ndarray:
 
 @ALGORITHMS.register("qsgd")
 class QSGD(Algorithm):
-    """Quantized SGD, all-reduce paradigm (quantized-pr-sgd §3.2, eq. (2)–(3), L67–76; Alistarh et al.).
+    """Quantized SGD, all-reduce paradigm (quantized-pr-sgd §3.2, eq. (2)–(3), L65–76; Alistarh et al.).
 
     PSGD with compressed gradients.  Each step, on every worker i:
       1. g_i = ∇f_i(x; ξ_i) (+ λx)               (stochastic gradient; weight decay folded in)
