@@ -1,0 +1,94 @@
+"""R3 (quantized-pr-sgd Fig. 4, L306-314): time to a target accuracy vs bandwidth, 5-100 Mb/s.
+
+A communication-heavy model (MLP hidden [512, 512] on digits, d = 301,066), M ranks (default 8):
+PSGD, PR-SGD (K = 4), QSGD and Q-PR-SGD (K = 4, qsgd s = ceil(sqrt d)) run once each through the
+sweep machinery (results/r3/); each run is then re-timed (qprsgd/network.py: measured compute +
+codec + alpha-beta comm) at 5, 10, 20, 50, 100 Mb/s, latency 0.1 ms.
+
+Criterion (PASS/FAIL):
+  * Q-PR-SGD "nearly flat": its time at 5 Mb/s <= 1.5 x its time at 100 Mb/s;
+  * PSGD and PR-SGD "grow sharply": their time at 5 Mb/s >= 3 x their time at 100 Mb/s;
+  * Q-PR-SGD is the fastest at 5 Mb/s.
+Speed-ups vs PSGD and PR-SGD at each bandwidth are printed (paper: up to 6.7x and 3.2x).
+
+    python scripts/repro_r3.py [--ranks 8] [--epochs 6] [--out results/r3] [--reuse]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from qprsgd import network as nw, report, sweep as sw
+
+BWS = [5e6, 10e6, 20e6, 50e6, 100e6]
+LAT = 1e-4
+
+
+def spec(ranks: int, epochs: float) -> dict:
+    return {"name": "r3", "ranks": ranks,
+            "base": {"seed": 0, "run": {"name": "r3", "progress": False},
+                     "train": {"epochs": epochs, "batch_size": 16, "lr": 0.05, "eval_every": 4, "log_every": 1},
+                     "model": {"name": "mlp", "hidden": [512, 512]},
+                     "data": {"name": "digits"}, "algorithm": {"name": "psgd"}},
+            "grid": {"algorithm": [{"name": "psgd"}, {"name": "pr_sgd", "K": 4}, {"name": "qsgd"},
+                                   {"name": "qpr_sgd", "K": 4}]}}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ranks", type=int, default=8)
+    ap.add_argument("--epochs", type=float, default=6)
+    ap.add_argument("--out", default="results/r3")
+    ap.add_argument("--target", type=float, default=None)
+    ap.add_argument("--reuse", action="store_true", help="keep finished runs")
+    a = ap.parse_args()
+    s = spec(a.ranks, a.epochs)
+    runs = sw.expand(s)
+    bad = [r for r in runs if r.error]
+    if bad:
+        for r in bad:
+            print(f"{r.name}: {r.error}")
+        return 2
+    sw.prepare(s, runs, a.out)
+    if sw.run_local(runs, a.out, force=not a.reuse):
+        print("FAIL: a run failed (see its stdout.log)")
+        return 1
+    loaded = report.load_runs(a.out)
+    target = report.choose_target(loaded, a.target)
+    nets = [nw.Network.simple(b, LAT) for b in BWS]
+    summ = report.summarize(loaded, target, nets)
+    rows = {r["label"]: r for r in summ["labels"]}
+    names = {"psgd": "PSGD", "pr_sgd_K4": "PR-SGD", "qsgd": "QSGD", "qpr_sgd_K4": "Q-PR-SGD"}
+    keys = [report.net_name(n) for n in nets]
+    print(f"\nR3: {a.ranks} ranks, MLP [512, 512] on digits, target accuracy {target:.4f}, latency 0.1 ms")
+    print(f"{'':10}" + "".join(f"{k.split('/')[0]:>11}" for k in keys) + "   (modelled seconds to target)")
+    for lab, nm in names.items():
+        t = rows[lab]["time"]
+        print(f"{nm:10}" + "".join(f"{'-' if t[k] is None else format(t[k], '.2f'):>11}" for k in keys))
+    q = rows["qpr_sgd_K4"]["time"]
+    for base in ("psgd", "pr_sgd_K4"):
+        b = rows[base]["time"]
+        print(f"speed-up of Q-PR-SGD vs {names[base]:7}" + "".join(
+            f"{'-' if not (b[k] and q[k]) else format(b[k] / q[k], '.2f') + 'x':>11}" for k in keys))
+    lo, hi = keys[0], keys[-1]
+    ok = True
+    if any(rows[l]["time"][k] is None for l in names for k in (lo, hi)):
+        print("FAIL: a run did not reach the target")
+        return 1
+    flat = q[lo] / q[hi]
+    c1 = flat <= 1.5
+    grow = {l: rows[l]["time"][lo] / rows[l]["time"][hi] for l in ("psgd", "pr_sgd_K4")}
+    c2 = all(g >= 3 for g in grow.values())
+    c3 = min(names, key=lambda l: rows[l]["time"][lo]) == "qpr_sgd_K4"
+    print(f"\ncriterion: Q-PR-SGD time(5Mbps)/time(100Mbps) = {flat:.2f} <= 1.5: {'PASS' if c1 else 'FAIL'}")
+    print(f"criterion: PSGD, PR-SGD time(5Mbps)/time(100Mbps) = {grow['psgd']:.2f}, {grow['pr_sgd_K4']:.2f} "
+          f">= 3: {'PASS' if c2 else 'FAIL'}")
+    print(f"criterion: Q-PR-SGD fastest at 5 Mbps: {'PASS' if c3 else 'FAIL'}")
+    ok = c1 and c2 and c3
+    print("R3:", "PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
