@@ -68,6 +68,18 @@ def _f32(v) -> np.ndarray:
     return np.asarray(v, dtype=np.float32)
 
 
+def aligned_zeros(d: int, align: int = 64) -> np.ndarray:
+    """A float32 zero vector whose data starts on an ``align``-byte boundary.
+
+    Codec inputs live in such buffers: BLAS reductions (the sign codecs' sasum) sum in an order
+    that depends on the address's alignment, so an input at a run-dependent malloc offset would
+    make the scales -- and every iterate after them -- differ between runs and after a resume.
+    """
+    raw = np.zeros(d + align // 4, dtype=np.float32)
+    off = (-raw.ctypes.data % align) // 4
+    return raw[off:off + d]
+
+
 # ----------------------------------------------------------------------------------------------
 # all-reduce baseline
 # ----------------------------------------------------------------------------------------------
@@ -141,12 +153,15 @@ class EFSGD(Algorithm):
         if env.codec is None:
             raise ValueError("ef_sgd needs a codec (the `codec` section)")
         self.e = np.zeros(env.d, dtype=np.float32)
+        self._p = aligned_zeros(env.d)
 
     def step(self, t, lr, grad):
         env = self.env
         eta = np.float32(lr)
         g = grad()                                              # 4. g_t
-        p = eta * g + self.e                                    # 4. p_t = η g_t + e_t
+        p = self._p
+        np.multiply(eta, g, out=p)                              # 4. p_t = η g_t + e_t
+        p += self.e
         delta = _f32(env.codec.decode(env.codec.encode(p, env.rng).data))   # 5. Δ_t = C(p_t)
         if env.weight_decay:
             wd = eta * (np.float32(env.weight_decay) * self.x)  #    η_t λ x_t (outside C)
@@ -208,11 +223,13 @@ class _DistEF(_ServerAlgorithm):
         d = env.d
         if self.is_worker:
             self.e = np.zeros(d, dtype=np.float32)           # e_{0,i} = 0
+            self._p = aligned_zeros(d)                       # p_{t,i} (scratch, aligned codec input)
             if self.momentum:
                 self.m = np.zeros(d, dtype=np.float32)       # m_{−1,i} = 0
                 self.m_wd = np.zeros(d, dtype=np.float32)    # m̃_{−1} = 0 (weight-decay momentum)
         if self.is_server:
             self.e_srv = np.zeros(d, dtype=np.float32)       # ẽ_0 = 0
+            self._p_srv = aligned_zeros(d)                   # p̃_t (scratch, aligned codec input)
 
     # -- the two halves every step shares ------------------------------------------------------
     def compress(self, p: np.ndarray):
@@ -226,11 +243,13 @@ class _DistEF(_ServerAlgorithm):
         if not self.is_server:
             return None
         c = self.env.codec
-        acc = np.zeros(self.env.d, dtype=np.float32)
+        acc = self._p_srv
+        acc[...] = 0
         for data in payloads:                                # Σ_i Δ_{t,i}, worker order
             acc += _f32(c.decode(data))
         acc /= np.float32(self.env.M)
-        p_srv = acc + r * self.e_srv                         # p̃_t
+        acc += r * self.e_srv                                # p̃_t = mean_i Δ_{t,i} + r_t ẽ_t
+        p_srv = acc
         data, d_srv = self.compress(p_srv)                   # Δ̃_t = C(p̃_t)
         np.subtract(p_srv, d_srv, out=self.e_srv)            # ẽ_{t+1} = p̃_t − Δ̃_t
         return data
@@ -307,7 +326,9 @@ class DistEFSGD(_DistEF):
         up = None
         if self.is_worker:                                   # 4.
             g = grad()
-            p = g + r * self.e                               # 5. p_{t,i}
+            p = self._p
+            np.multiply(r, self.e, out=p)                    # 5. p_{t,i} = g_{t,i} + r_t e_{t,i}
+            p += g
             up, delta = self.compress(p)                     # 6. Δ_{t,i} = C(p_{t,i})
             np.subtract(p, delta, out=self.e)                # 8. e_{t+1,i} = p_{t,i} − Δ_{t,i}
         payloads = self.push(up)                             # 6./10. push, pull at the server
@@ -368,7 +389,10 @@ class DistEFBlockSGDM(_DistEF):
             g = grad()
             self.m *= self.mu                                # 5. m_{t,i} = μ m_{t−1,i} + g_{t,i}
             self.m += g
-            p = (self.mu * self.m + g) + r * self.e          # 6. p_{t,i}
+            p = self._p
+            np.multiply(self.mu, self.m, out=p)              # 6. p_{t,i} = μ m_{t,i} + g_{t,i} + r_t e_{t,i}
+            p += g
+            p += r * self.e
             up, delta = self.compress(p)                     # 7. Δ_{t,i} = C(p_{t,i})
             np.subtract(p, delta, out=self.e)                # 9. e_{t+1,i} = p_{t,i} − Δ_{t,i}
         payloads = self.push(up)                             # 7./11. push, pull at the server
