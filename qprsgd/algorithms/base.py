@@ -9,7 +9,8 @@ h5py or cupy and never knows which codec it runs.
 
 Roles.  ``env.workers`` are the world ranks that compute gradients (the paper's M workers);
 ``env.server`` is the rank of a parameter server / centre variable, or None.  A dedicated
-server rank is not a worker: its ``x`` is None and ``grad`` is None in ``step``.
+server rank is not a worker: ``grad`` is None in its ``step``; its ``x`` is still the (unused
+unless the algorithm wants it, e.g. as the centre variable z) parameter buffer holding x_0.
 """
 from __future__ import annotations
 
