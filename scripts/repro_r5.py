@@ -9,7 +9,8 @@ not ECD.  This script does not decide which one fails: it reports DCD's conditio
 each algorithm does.
 
 Setup: 16 ranks (mpiexec, oversubscribed), 1/3-ring, digits, MLP[32], batch 8 per worker
-(11 steps per epoch), lr 0.5 ÷10 at epochs E/2 and 3E/4, E = 12 by default; codec
+(11 steps per epoch), lr 0.1 ÷10 at epochs E/2 and 3E/4, E = 12 by default (lr 0.1 as R4's
+part (a): at 0.5 even uncompressed gossip lags all-reduce on a ring); codec
 ``stochastic_bits`` with b = 8 and b = 4.  Loss L(e) = mean training minibatch loss of epoch e.
 
 Criterion (PASS/FAIL): 8-bit DCD and 8-bit ECD each track all-reduce PSGD: mean over epochs of
@@ -85,11 +86,11 @@ def main(argv=None) -> int:
 
     def c(alg, b=None):
         return config({"name": alg}, E, None if b is None else {"name": "stochastic_bits", "b": b},
-                      None if alg == "psgd" else ring, batch=8)
+                      None if alg == "psgd" else ring, batch=8, lr=0.1)
 
     cfgs = {"psgd": c("psgd"), "dcd_b8": c("dcd_psgd", 8), "ecd_b8": c("ecd_psgd", 8),
             "dcd_b4": c("dcd_psgd", 4), "ecd_b4": c("ecd_psgd", 4)}
-    print(f"R5: {n} ranks, 1/3-ring, digits, MLP[32], batch 8/worker, lr 0.5 ÷10 at epochs {E / 2:g} "
+    print(f"R5: {n} ranks, 1/3-ring, digits, MLP[32], batch 8/worker, lr 0.1 ÷10 at epochs {E / 2:g} "
           f"and {3 * E / 4:g}, {E:g} epochs; stochastic_bits b = 8 and 4", flush=True)
     if not a.reuse:
         todo = list(cfgs)
@@ -138,7 +139,11 @@ def main(argv=None) -> int:
     for k in ("dcd_b4", "ecd_b4"):
         v = L[k]
         gap = f", last epoch {100 * (v[-1] / ref[-1] - 1):+.1f} % vs all-reduce" if len(v) == len(ref) and len(v) else ""
-        print(f"4 bits {k[:3].upper()}: {behaviour(v, ref, fin[k])}{gap}")
+        trend = ""
+        if len(v) and np.all(np.isfinite(v)) and v[-1] > 1.005 * v.min():
+            trend = (f"; but its loss rises after epoch {int(np.argmin(v)) + 1} ({v.min():.4f} -> {v[-1]:.4f}) "
+                     f"while all-reduce's keeps falling" if ref[-1] <= ref[int(np.argmin(v))] else "")
+        print(f"4 bits {k[:3].upper()}: {behaviour(v, ref, fin[k])}{gap}{trend}")
     print(f"R5: {'PASS' if ok else 'FAIL'}  (criterion: 8-bit DCD and ECD track all-reduce; 4 bits reported)")
     return 0 if ok else 1
 
