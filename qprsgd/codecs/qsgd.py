@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..registry import CODECS
 from . import _bitstream as bs
+from . import _numba_kernels as _nk
 from .base import Codec, CodecError, Payload
 
 S_MAX = 2**31 - 2  # keeps every gamma code within 63 bits
@@ -33,15 +34,38 @@ class QSGDParams(BaseModel):
     s: Optional[int] = Field(None, ge=1, le=S_MAX)
 
 
-def _norm32(x) -> np.float32:
-    """float32(sqrt(sum float64(x_i)^2)), accumulated in float64 chunks (no float32 overflow)."""
-    xp = _xp_of(x)
-    acc = 0.0
-    step = 1 << 20
-    for i in range(0, x.shape[0], step):
-        c = x[i:i + step].astype(xp.float64)
-        acc += float(xp.dot(c, c))
-    return np.float32(math.sqrt(acc))
+def norm_acc(x, use_numba: Optional[bool] = None) -> float:
+    """sum_i float64(x_i)**2 in a fixed order that numpy and the numba kernel both reproduce
+    exactly: 8 accumulators, accumulator j adds the squares of x_i, i = j mod 8, sequentially in
+    i (``add.accumulate`` along axis 0 is sequential by definition); then
+    ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)).  NaN/Inf in x give a non-finite sum; a
+    finite float32 x cannot overflow it (d * 3.4e38**2 < 1.8e308)."""
+    if not isinstance(x, np.ndarray):  # cupy: the GPU's scans are not sequential -> host
+        x = x.get()
+    if use_numba is None:
+        use_numba = _nk.enabled()
+    if use_numba:
+        acc = np.zeros(8, dtype=np.float64)
+        _nk.sumsq8(x, acc)
+    else:
+        acc = np.zeros(8, dtype=np.float64)
+        step = 1 << 16
+        for i in range(0, x.shape[0], step):
+            c = x[i:i + step].astype(np.float64)
+            c *= c
+            pad = (-c.shape[0]) % 8
+            rows = (c.shape[0] + pad) // 8
+            buf = np.zeros((rows + 1, 8)) if pad else np.empty((rows + 1, 8))
+            buf[0] = acc
+            buf[1:].reshape(-1)[:c.shape[0]] = c
+            acc = np.add.accumulate(buf, axis=0)[-1]
+    a = [float(v) for v in acc]
+    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+
+
+def _norm32(x, use_numba: Optional[bool] = None) -> np.float32:
+    """float32(sqrt(sum float64(x_i)^2)) with the sum of :func:`norm_acc`."""
+    return np.float32(math.sqrt(norm_acc(x, use_numba)))
 
 
 def _xp_of(a):
@@ -66,6 +90,19 @@ def draw_uniform32(xp, rng, n: int):
     return rng.random(n, dtype=xp.float32)
 
 
+class _Given:
+    """Stands in for an rng in ``encode_with``: ``random(out=...)`` copies given uniforms."""
+
+    def __init__(self, u):
+        self.u = u
+
+    def random(self, n=None, dtype=np.float32, out=None):
+        u = np.asarray(self.u, dtype=np.float32)
+        if u.shape != (n,):
+            raise CodecError(f"expected {n} uniforms, got shape {u.shape}")
+        return u
+
+
 class _QSGDBase(Codec):
     unbiased = True
     deterministic = False
@@ -76,9 +113,101 @@ class _QSGDBase(Codec):
         if not 1 <= self.s <= S_MAX:
             raise ValueError(f"{self.name}: s must be in [1, {S_MAX}], got {self.s}")
         self.nmax = (self.s + 1).bit_length() - 1  # floor(log2(s + 1))
+        # "numba": compiled sequential kernels (numpy arrays only); "numpy": the vectorized path
+        self.backend = "numba" if (_nk.enabled() and xp is np) else "numpy"
+        self._scratch = {}
 
     def __repr__(self):
         return f"{type(self).__name__}(d={self.d}, s={self.s})"
+
+    # numba path helpers ------------------------------------------------------------------
+    def _buf(self, key, n, dtype):
+        """A reusable scratch array of >= n elements (the codec owns it)."""
+        b = self._scratch.get(key)
+        if b is None or b.shape[0] < n:
+            b = np.empty(n, dtype=dtype)
+            self._scratch[key] = b
+        return b
+
+    def _nb_prepare(self, x, rng):
+        """Input checks, norm and draws for the numba encoders, in the numpy path's order
+        (NaN/Inf rejected before drawing; a float32 norm overflow raises after the d draws).
+        Returns (x, norm, mode, c, u, pcg_state, bit_generator)."""
+        if x.ndim != 1 or x.shape[0] != self.d:
+            raise CodecError(f"{self.name}: expected a vector of length d={self.d}, "
+                             f"got shape {tuple(x.shape)}")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        acc = norm_acc(x, True)
+        if not math.isfinite(acc):  # the sum of squares is finite iff every x_i is
+            raise CodecError(f"{self.name}: cannot encode a vector holding NaN or Inf")
+        with np.errstate(over="ignore"):
+            norm = np.float32(math.sqrt(acc))
+        if not math.isfinite(float(norm)):
+            draw_uniform32(np, rng, self.d)
+            raise CodecError(f"{self.name}: the norm of the input overflows float32")
+        state, bg = _nk.pcg64_state(rng)
+        if state is None:
+            if isinstance(rng, np.random.Generator):
+                u = self._buf("u", self.d, np.float32)[:self.d]
+                rng.random(out=u, dtype=np.float32)
+            else:
+                u = np.ascontiguousarray(draw_uniform32(np, rng, self.d), dtype=np.float32)
+            state = np.zeros(6, dtype=np.uint64)
+        else:
+            u = np.zeros(0, dtype=np.float32)
+        if norm == 0:
+            return x, norm, 0, np.float32(0), u, state, bg
+        with np.errstate(over="ignore"):
+            c = np.float32(self.s / float(norm))
+        if math.isfinite(float(c)):
+            return x, norm, 1, c, u, state, bg
+        return x, norm, 2, norm, u, state, bg
+
+    def _nb_quantize_pack(self, x, rng, words, runlength):
+        x, norm, mode, c, u, state, bg = self._nb_prepare(x, rng)
+        norm_be = int.from_bytes(np.float32(norm).astype("<f4").tobytes(), "big")
+        nbits, k = _nk.qsgd_quantize_pack(x, u, state, bg is not None, mode, c,
+                                          np.float32(self.s), norm_be, words, runlength)
+        if bg is not None:
+            _nk.pcg64_store(bg, state)
+        return norm_be, int(nbits), int(k)
+
+    def _table(self, norm, scale):
+        """Decoded magnitudes float32(float64(norm) * scale * zeta / s) for small zeta."""
+        nsc = np.float64(norm) * scale
+        n = min(self.s + 1, 1 << 16)
+        tab = nsc * np.arange(n, dtype=np.float64)
+        tab /= self.s
+        return tab.astype(np.float32), float(nsc)
+
+    def _nb_words(self, data):
+        """The payload in a reusable word buffer with >= 3 zero guard words."""
+        nbytes = int(data.shape[0])
+        nw = nbytes // 8 + 4
+        words = self._buf("dw", self.max_bytes() // 8 + 4, np.uint64)[:nw]
+        b = words.view(np.uint8)
+        b[:nbytes] = data
+        b[nbytes:] = 0
+        return words
+
+    def _nb_raise(self, err, info, count):
+        if err == _nk.ERR_BADCODE:
+            raise CodecError(f"{self.name}: impossible code length at bit {info}")
+        if err == _nk.ERR_PASTEND:
+            raise CodecError(f"{self.name}: payload truncated (record at bit {info} "
+                             "runs past the end)")
+        if err == _nk.ERR_SHORT:
+            raise CodecError(f"{self.name}: payload truncated ({info} of {count} records)")
+
+    def _finish_bytes(self, data, end):
+        """As :meth:`_finish`, from the bytes: no extension, zero padding."""
+        nbytes = int(data.shape[0])
+        if 8 * nbytes - end >= 8:
+            raise CodecError(f"{self.name}: payload extended ({nbytes} bytes, "
+                             f"codes end at bit {end})")
+        pad = 8 * nbytes - end
+        if pad and int(data[-1]) & ((1 << pad) - 1):
+            raise CodecError(f"{self.name}: nonzero padding bits")
 
     # quantization ------------------------------------------------------------------------
     def quantize(self, x, u):
@@ -147,6 +276,10 @@ class QSGD(_QSGDBase):
         return (32 + self.d * (2 + 2 * self.nmax) + 7) // 8
 
     def encode(self, x, rng=None) -> Payload:
+        if self.backend == "numba":
+            words = self._buf("w", self.max_bytes() // 8 + 2, np.uint64)
+            _, nbits, _ = self._nb_quantize_pack(x, rng, words, False)
+            return Payload(words.view(np.uint8)[:(nbits + 7) // 8].copy(), nbits)
         x = self._check_input(x)
         u = draw_uniform32(self.xp, rng, self.d)
         return self.encode_with(x, u)
@@ -154,6 +287,10 @@ class QSGD(_QSGDBase):
     def encode_with(self, x, u) -> Payload:
         """Encode with given uniforms (the GPU tests feed numpy's draws to cupy)."""
         xp = self.xp
+        if self.backend == "numba":
+            words = self._buf("w", self.max_bytes() // 8 + 2, np.uint64)
+            _, nbits, _ = self._nb_quantize_pack(x, _Given(u), words, False)
+            return Payload(words.view(np.uint8)[:(nbits + 7) // 8].copy(), nbits)
         norm, zeta, neg = self.quantize(x, u)
         k = zeta + np.uint64(1)
         n = bs.gamma_len_n(xp, k)
@@ -191,8 +328,28 @@ class QSGD(_QSGDBase):
         return norm, zeta, neg
 
     def decode(self, data):
+        if self.backend == "numba":
+            return self._nb_decode(data)
         norm, zeta, neg = self.decode_levels(data)
         return self.values(norm, zeta, neg, self.scale)
+
+    def _nb_decode(self, data):
+        data, norm = self._header(data)
+        nbytes = int(data.shape[0])
+        span = 8 * nbytes - 32
+        if span < 2 * self.d:
+            raise CodecError(f"{self.name}: payload truncated ({span} bits cannot hold "
+                             f"{self.d} records)")
+        words = self._nb_words(data)
+        tab, nsc = self._table(norm, self.scale)
+        out = np.empty(self.d, dtype=np.float32)
+        err, info, end, zbad = _nk.qsgd_decode(words, 8 * nbytes, self.d, self.nmax, self.s,
+                                               tab, nsc, float(self.s), out)
+        self._nb_raise(err, info, self.d)
+        self._finish_bytes(data, int(end))
+        if zbad:
+            raise CodecError(f"{self.name}: level > s={self.s}")
+        return out
 
 
 @CODECS.register("qsgd_scaled", params=QSGDParams)
@@ -219,12 +376,24 @@ class QSGDRunLength(_QSGDBase):
         return (32 + 2 * nd + 1 + self.d * (2 * nd + 1 + 1 + 2 * self.nmax + 1) + 7) // 8
 
     def encode(self, x, rng=None) -> Payload:
+        if self.backend == "numba":
+            return self._nb_encode(x, rng)
         x = self._check_input(x)
         u = draw_uniform32(self.xp, rng, self.d)
         return self.encode_with(x, u)
 
+    def _nb_encode(self, x, rng):
+        nmax_rec = 2 * self.d.bit_length() + 2 * self.nmax + 3  # longest record
+        rec = self._buf("rec", (self.d * nmax_rec) // 64 + 2, np.uint64)
+        norm_be, recbits, k = self._nb_quantize_pack(x, rng, rec, True)
+        words = self._buf("w", self.max_bytes() // 8 + 2, np.uint64)
+        nbits = int(_nk.runlength_assemble(rec, recbits, norm_be, k, words))
+        return Payload(words.view(np.uint8)[:(nbits + 7) // 8].copy(), nbits)
+
     def encode_with(self, x, u) -> Payload:
         xp = self.xp
+        if self.backend == "numba":
+            return self._nb_encode(x, _Given(u))
         norm, zeta, neg = self.quantize(x, u)
         idx = xp.flatnonzero(zeta)
         k = int(idx.shape[0])
@@ -298,5 +467,39 @@ class QSGDRunLength(_QSGDBase):
         return norm, zeta, neg
 
     def decode(self, data):
+        if self.backend == "numba":
+            return self._nb_decode(data)
         norm, zeta, neg = self.decode_levels(data)
         return self.values(norm, zeta, neg)
+
+    def _nb_decode(self, data):
+        data, norm = self._header(data)
+        nbytes = int(data.shape[0])
+        end_avail = 8 * nbytes
+        if end_avail < 33:
+            raise CodecError(f"{self.name}: payload truncated (no count)")
+        head = bs.bytes_to_words(np, data[:16])
+        win0 = bs.window(np, head, np.asarray([32], dtype=np.int64))
+        hn = int(bs.gamma_n(np, win0)[0])
+        if hn > self.d.bit_length() or 32 + 2 * hn + 1 > end_avail:
+            raise CodecError(f"{self.name}: impossible count code")
+        k = int(bs.gamma_value(np, win0, np.asarray([hn]))[0]) - 1
+        if k > self.d:
+            raise CodecError(f"{self.name}: {k} non-zeros > d={self.d}")
+        start = 32 + 2 * hn + 1
+        if end_avail - start < 3 * k:
+            raise CodecError(f"{self.name}: payload truncated ({end_avail - start} bits cannot "
+                             f"hold {k} records)")
+        words = self._nb_words(data)
+        tab, nsc = self._table(norm, 1.0)
+        out = np.zeros(self.d, dtype=np.float32)
+        err, info, end, zbad, ibad = _nk.runlength_decode(
+            words, start, end_avail, k, self.d, self.d.bit_length(), self.nmax, self.s, tab, nsc,
+            float(self.s), out)
+        self._nb_raise(err, info, k)
+        self._finish_bytes(data, int(end))
+        if zbad:
+            raise CodecError(f"{self.name}: level > s={self.s}")
+        if ibad:
+            raise CodecError(f"{self.name}: index out of range (>= d={self.d})")
+        return out

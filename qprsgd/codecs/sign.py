@@ -82,9 +82,16 @@ class BlockSign(Codec):
 
     def encode(self, x, rng=None) -> Payload:
         xp = self.xp
-        x = self._check_input(x)
+        if x.ndim != 1 or x.shape[0] != self.d:
+            raise CodecError(f"{self.name}: expected a vector of length d={self.d}, "
+                             f"got shape {tuple(x.shape)}")
+        x = x.astype(xp.float32, copy=False)
         sc = self.scales(x)
+        # NaN/Inf in x make its block's l1 sum non-finite, so the isfinite pass over x (1/3 of
+        # the encode time) is only needed to tell the two errors apart
         if not np.isfinite(sc).all():
+            if not bool(xp.isfinite(x).all()):
+                raise CodecError(f"{self.name}: cannot encode a vector holding NaN or Inf")
             raise CodecError(f"{self.name}: a block's l1 norm / d_b overflows float32")
         xp.less(x, 0, out=self._neg)
         packed = xp.packbits(self._neg)

@@ -1,0 +1,494 @@
+"""Compiled (numba) kernels for the sequential hot paths of the codecs.
+
+The numpy kernels in ``_bitstream.py`` stay the reference and the fallback (no numba, or
+``xp`` = cupy).  These kernels produce *byte-identical* payloads and *identical* decoded vectors
+(tested in tests/test_codecs_numba.py); they exist because the Elias-gamma stream is sequential
+and the vectorized parse needs dozens of passes (docs/codecs.md has the measurements).
+
+Selection: ``enabled()`` is True when numba imports, the environment variable
+``QPRSGD_NO_NUMBA`` is not ``1`` and the module switch ``USE_NUMBA`` is True.  A codec reads it
+once at construction (attribute ``backend``: ``"numba"`` or ``"numpy"``), so tests can build one
+codec of each kind side by side.
+
+Bit layout (as in ``_bitstream``): the payload is written as 64-bit words whose big-endian bytes
+are the wire bytes; a writer keeps ``acc`` (bits left-aligned) and ``fill`` (bits used), a field
+of ``L`` <= 64 bits is or-ed in and full words are stored byte-swapped, so ``words.view(uint8)``
+is the wire.  Readers keep the current and next word and the bit offset in the current one.
+
+Random draws: for a ``numpy.random.Generator`` over ``PCG64`` the QSGD encoders generate the
+uniforms inline with the *same* algorithm numpy uses (PCG64 XSL-RR step, the 64-bit output
+split into two 32-bit halves low half first, ``(u32 >> 8) * 2**-24``), then write the generator
+state back, so ``rng.random(d, dtype=np.float32)`` is reproduced bit for bit without the 40 MB
+array (tested against numpy, also with a buffered half-word).  Other bit generators draw with
+``rng.random(out=scratch, dtype=np.float32)`` and the kernel reads the array.
+
+Error codes returned by the decoders (the Python wrappers raise ``CodecError`` with the numpy
+path's messages): see ``ERR_*``.  Every kernel is bounded by the payload length and ``d``: a
+decoder advances at least 2 bits per record and stops at the first error, so it cannot hang.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+try:
+    import numba
+    from llvmlite import ir
+    from numba import types
+    from numba.extending import intrinsic
+    HAVE_NUMBA = True
+except Exception:  # pragma: no cover - numba is an install requirement; numpy is the fallback
+    numba = None
+    HAVE_NUMBA = False
+
+USE_NUMBA = os.environ.get("QPRSGD_NO_NUMBA", "") != "1"
+
+ERR_OK = 0
+ERR_BADCODE = 1      # impossible code length (leading-zero run too long) at bit info
+ERR_PASTEND = 2      # record at bit info runs past the end
+ERR_SHORT = 3        # stream ended after info records
+
+PCG_MULT_HI = 2549297995355413924
+PCG_MULT_LO = 4865540595714422341
+
+
+def enabled() -> bool:
+    """True when the numba kernels are used for numpy-array codecs."""
+    return HAVE_NUMBA and USE_NUMBA and os.environ.get("QPRSGD_NO_NUMBA", "") != "1"
+
+
+def pcg64_state(rng):
+    """(uint64[6] state array, bit generator) for a PCG64-driven Generator, else (None, None).
+
+    Layout: [state_hi, state_lo, inc_hi, inc_lo, has_uint32, uinteger]."""
+    if not isinstance(rng, np.random.Generator):
+        return None, None
+    bg = rng.bit_generator
+    if type(bg) is not np.random.PCG64:
+        return None, None
+    st = bg.state
+    s, inc = int(st["state"]["state"]), int(st["state"]["inc"])
+    m = (1 << 64) - 1
+    arr = np.array([s >> 64, s & m, inc >> 64, inc & m, int(st["has_uint32"]),
+                    int(st["uinteger"])], dtype=np.uint64)
+    return arr, bg
+
+
+def pcg64_store(bg, arr):
+    """Write the state array back into the bit generator."""
+    st = bg.state
+    st["state"]["state"] = (int(arr[0]) << 64) | int(arr[1])
+    st["has_uint32"] = int(arr[4])
+    st["uinteger"] = int(arr[5])
+    bg.state = st
+
+
+if HAVE_NUMBA:
+    _u64 = types.uint64
+
+    @intrinsic
+    def _clz(typingctx, x):
+        """Leading zeros of a uint64 (64 for 0)."""
+        sig = _u64(_u64)
+
+        def codegen(context, builder, signature, args):
+            return builder.ctlz(args[0], ir.Constant(ir.IntType(1), 0))
+
+        return sig, codegen
+
+    @intrinsic
+    def _bswap(typingctx, x):
+        sig = _u64(_u64)
+
+        def codegen(context, builder, signature, args):
+            return builder.bswap(args[0])
+
+        return sig, codegen
+
+    @intrinsic
+    def _bswap32(typingctx, x):
+        sig = types.uint32(types.uint32)
+
+        def codegen(context, builder, signature, args):
+            return builder.bswap(args[0])
+
+        return sig, codegen
+
+    @intrinsic
+    def _mulhi(typingctx, a, b):
+        """High 64 bits of the 128-bit product of two uint64."""
+        sig = _u64(_u64, _u64)
+
+        def codegen(context, builder, signature, args):
+            i128 = ir.IntType(128)
+            p = builder.mul(builder.zext(args[0], i128), builder.zext(args[1], i128))
+            return builder.trunc(builder.lshr(p, ir.Constant(i128, 64)), ir.IntType(64))
+
+        return sig, codegen
+
+    njit = numba.njit(cache=True, nogil=True, error_model="numpy")
+    U0 = np.uint64(0)
+    U1 = np.uint64(1)
+    U8 = np.uint64(8)
+    U32 = np.uint64(32)
+    U58 = np.uint64(58)
+    U63 = np.uint64(63)
+    U64 = np.uint64(64)
+    MHI = np.uint64(PCG_MULT_HI)
+    MLO = np.uint64(PCG_MULT_LO)
+    INV24 = np.float32(1.0 / 16777216.0)
+
+    @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+    def _pcg_next64(hi, lo, ihi, ilo):
+        """One PCG64 step (state <- state * M + inc, 128-bit) and its XSL-RR output."""
+        t = lo * MLO
+        nlo = t + ilo
+        carry = U1 if nlo < t else U0
+        nhi = _mulhi(lo, MLO) + lo * MHI + hi * MLO + ihi + carry
+        v = nhi ^ nlo
+        r = nhi >> U58
+        out = (v >> r) | (v << ((U64 - r) & U63))
+        return nhi, nlo, out
+
+    @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+    def _put32(out32, j, acc, fill, code, ln):
+        """Append ``code`` of ``ln`` <= 32 bits (fill < 32 on entry and exit), branch-free: the
+        top 32 bits of ``acc`` are always stored at out32[j] (big-endian), and j advances once
+        they are complete.  Returns (j, acc, fill)."""
+        acc |= code << (U64 - fill - ln)
+        fill += ln
+        out32[j] = _bswap32(np.uint32(acc >> U32))
+        f = fill >> np.uint64(5)
+        j += np.int64(f)
+        acc <<= f << np.uint64(5)
+        fill -= f << np.uint64(5)
+        return j, acc, fill
+
+    @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+    def _put(out32, j, acc, fill, code, ln):
+        """Append ``code`` of ``ln`` (1..64) bits; returns (j, acc, fill)."""
+        if ln > U32:
+            j, acc, fill = _put32(out32, j, acc, fill, code >> U32, ln - U32)
+            return _put32(out32, j, acc, fill, code & np.uint64(0xFFFFFFFF), U32)
+        return _put32(out32, j, acc, fill, code, ln)
+
+    @njit
+    def pcg64_fill_f32(state, out):
+        """out[:] = rng.random(n, dtype=float32) for the PCG64 state array (updated in place);
+        used by the tests to prove the inline generator equals numpy's."""
+        hi, lo, ihi, ilo = state[0], state[1], state[2], state[3]
+        has = state[4]
+        buf = state[5]
+        for i in range(out.shape[0]):
+            if has != U0:
+                w = buf
+                has = U0
+            else:
+                hi, lo, r = _pcg_next64(hi, lo, ihi, ilo)
+                w = r & np.uint64(0xFFFFFFFF)
+                buf = r >> U32
+                has = U1
+            out[i] = np.float32(np.int64(w >> U8)) * INV24
+        state[0] = hi
+        state[1] = lo
+        state[4] = has
+        state[5] = buf
+
+    CHUNK = 2048  # elements per L1-resident piece of the encoder
+
+    @njit
+    def _pcg_chunk(hi, lo, ihi, ilo, has, buf, u, n):
+        """u[:n] = the next n float32 uniforms (numpy's Generator.random(dtype=float32))."""
+        for t in range(n):
+            if has != U0:
+                w = buf
+                has = U0
+            else:
+                hi, lo, r64 = _pcg_next64(hi, lo, ihi, ilo)
+                w = r64 & np.uint64(0xFFFFFFFF)
+                buf = r64 >> U32
+                has = U1
+            u[t] = np.float32(np.int64(w >> U8)) * INV24
+        return hi, lo, has, buf
+
+    @njit
+    def _quantize_chunk(x, u, mode, c, s32, zeta, neg):
+        """zeta[t], neg[t] for the chunk (branch-free, vectorizable)."""
+        for t in range(x.shape[0]):
+            xi = x[t]
+            a = abs(xi)
+            if mode == 1:
+                r = a * c
+            else:
+                r = (a / c) * s32
+            r = min(r, s32)
+            lv = np.int64(r)  # r >= 0: truncation is floor
+            fr = r - np.float32(lv)
+            z = lv + (1 if u[t] < fr else 0)
+            zeta[t] = np.uint64(z if mode != 0 else 0)
+            neg[t] = U1 if xi < np.float32(0) else U0
+
+    @njit
+    def qsgd_quantize_pack(x, u, state, use_pcg, mode, c, s32, norm_be, words, runlength):
+        """Quantize (docs/codecs.md, qsgd) and pack, in L1-sized chunks: draws (inline PCG64
+        when ``use_pcg``, else ``u``), quantization, then the bit writer.
+
+        mode 0: norm == 0 (every level 0, the d draws are still made); 1: r = |x| * c;
+        2: r = (|x| / c) * s32 (c is then the norm).  ``runlength`` False: the qsgd stream
+        (norm, then sign + gamma(zeta + 1) per element), returns (nbits, 0).  True: only the
+        records gamma(i - prev), sign, gamma(zeta) of the non-zero levels, from bit 0, returns
+        (record bits, k)."""
+        d = x.shape[0]
+        hi, lo, ihi, ilo = state[0], state[1], state[2], state[3]
+        has = state[4]
+        buf = state[5]
+        ub = np.empty(CHUNK, dtype=np.float32)
+        zeta = np.empty(CHUNK, dtype=np.uint64)
+        neg = np.empty(CHUNK, dtype=np.uint64)
+        out32 = words.view(np.uint32)
+        wi = 0
+        acc = U0
+        fill = U0
+        if not runlength:
+            wi, acc, fill = _put32(out32, wi, acc, fill, np.uint64(norm_be), U32)
+        total = U0
+        k = 0
+        prev = -1
+        for c0 in range(0, d, CHUNK):
+            n = min(CHUNK, d - c0)
+            if use_pcg:
+                hi, lo, has, buf = _pcg_chunk(hi, lo, ihi, ilo, has, buf, ub, n)
+                uc = ub[:n]
+            else:
+                uc = u[c0:c0 + n]
+            _quantize_chunk(x[c0:c0 + n], uc, mode, c, s32, zeta, neg)
+            if not runlength:
+                for t in range(n):
+                    kk = zeta[t] + U1
+                    nn = U63 - _clz(kk)
+                    ln = nn + nn + np.uint64(2)
+                    wi, acc, fill = _put(out32, wi, acc, fill, kk | (neg[t] << (ln - U1)), ln)
+                    total += ln
+            else:
+                for t in range(n):
+                    z = zeta[t]
+                    if z != U0:
+                        i = c0 + t
+                        g = np.uint64(i - prev)
+                        prev = i
+                        k += 1
+                        n1 = U63 - _clz(g)
+                        l1 = n1 + n1 + U1
+                        wi, acc, fill = _put(out32, wi, acc, fill, g, l1)
+                        n2 = U63 - _clz(z)
+                        l2 = n2 + n2 + np.uint64(2)
+                        wi, acc, fill = _put(out32, wi, acc, fill, z | (neg[t] << (l2 - U1)), l2)
+                        total += l1 + l2
+        out32[wi] = _bswap32(np.uint32(acc >> U32))  # the partial last word (zero padded)
+        state[0] = hi
+        state[1] = lo
+        state[4] = has
+        state[5] = buf
+        if runlength:
+            return np.int64(total), k
+        return np.int64(total) + 32, k
+
+    @njit
+    def runlength_assemble(rec, recbits, norm_be, k, words):
+        """norm (32 bits), gamma(k + 1), then ``recbits`` bits of ``rec`` (wire words)."""
+        out32 = words.view(np.uint32)
+        rec32 = rec.view(np.uint32)
+        j = 0
+        acc = U0
+        fill = U0
+        j, acc, fill = _put32(out32, j, acc, fill, np.uint64(norm_be), U32)
+        kk = np.uint64(k + 1)
+        n = U63 - _clz(kk)
+        j, acc, fill = _put(out32, j, acc, fill, kk, n + n + U1)
+        nfull = recbits // 32
+        for t in range(nfull):
+            j, acc, fill = _put32(out32, j, acc, fill, np.uint64(_bswap32(rec32[t])), U32)
+        rem = np.uint64(recbits - 32 * nfull)
+        if rem != U0:
+            j, acc, fill = _put32(out32, j, acc, fill,
+                                  np.uint64(_bswap32(rec32[nfull])) >> (U32 - rem), rem)
+        out32[j] = _bswap32(np.uint32(acc >> U32))
+        return 32 + 2 * np.int64(n) + 1 + recbits
+
+    @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+    def _window(cur, nxt, off):
+        # 64 stream bits at bit ``off`` of ``cur`` (off in 0..63), followed by ``nxt``
+        return (cur << off) | ((nxt >> U1) >> (U63 - off))
+
+    @njit
+    def qsgd_decode(words, end, d, nmax, s, tab, nsc, sd, out):
+        """Parse d records sign + gamma(zeta + 1) from bit 32 of the wire words (byte-swapped on
+        load; ``words`` has >= 2 zero guard words).  Writes ±value into out (``tab[zeta]`` when
+        zeta < len(tab), else float32(nsc * zeta / sd)).  Returns (err, info, end_bit, level_bad)."""
+        pos = 32
+        cur = _bswap(words[0])
+        nxt = _bswap(words[1])
+        wi = 2
+        off = U32
+        zbad = False
+        ntab = tab.shape[0]
+        su = np.uint64(s)
+        nm = np.uint64(nmax)
+        for i in range(d):
+            if pos >= end:
+                return ERR_SHORT, i, pos, zbad
+            win = _window(cur, nxt, off)
+            body = win << U1
+            n = _clz(body)
+            if n > nm:
+                return ERR_BADCODE, pos, pos, zbad
+            ln = n + n + np.uint64(2)
+            if pos + np.int64(ln) > end:
+                return ERR_PASTEND, pos, pos, zbad
+            zeta = (body >> (U63 - n - n)) - U1
+            if zeta > su:
+                zbad = True
+                v = np.float32(0)
+            elif zeta < np.uint64(ntab):
+                v = tab[zeta]
+            else:
+                v = np.float32((nsc * np.float64(zeta)) / sd)
+            out[i] = -v if (win >> U63) != U0 else v
+            pos += np.int64(ln)
+            off += ln
+            if off >= U64:
+                off -= U64
+                cur = nxt
+                nxt = _bswap(words[wi])
+                wi += 1
+        return ERR_OK, 0, pos, zbad
+
+    @njit
+    def runlength_decode(words, start, end, k, d, nd, nmax, s, tab, nsc, sd, out):
+        """Parse k records gamma(i - prev), sign, gamma(zeta) from bit ``start``; out must be
+        zero.  Returns (err, info, end_bit, level_bad, index_bad)."""
+        pos = start
+        wi = start // 64
+        cur = _bswap(words[wi])
+        nxt = _bswap(words[wi + 1])
+        wi += 2
+        off = np.uint64(start % 64)
+        zbad = False
+        ibad = False
+        idx = -1
+        ntab = tab.shape[0]
+        su = np.uint64(s)
+        nm = np.uint64(nmax)
+        ndm = np.uint64(min(nd, 31))
+        for j in range(k):
+            if pos >= end:
+                return ERR_SHORT, j, pos, zbad, ibad
+            win = _window(cur, nxt, off)
+            n1 = _clz(win)
+            if n1 > ndm:
+                return ERR_BADCODE, pos, pos, zbad, ibad
+            l1 = n1 + n1 + U1
+            gap = win >> (U64 - l1)
+            # second window: the sign bit and gamma(zeta), l1 bits further
+            o2 = off + l1
+            if o2 >= U64:
+                w2 = _window(nxt, _bswap(words[wi]), o2 - U64)
+            else:
+                w2 = _window(cur, nxt, o2)
+            body = w2 << U1
+            n2 = _clz(body)
+            if n2 > nm:
+                return ERR_BADCODE, pos, pos, zbad, ibad
+            l2 = n2 + n2 + np.uint64(2)
+            ln = l1 + l2
+            if pos + np.int64(ln) > end:
+                return ERR_PASTEND, pos, pos, zbad, ibad
+            zeta = body >> (U63 - n2 - n2)
+            idx += np.int64(gap)
+            if zeta > su:
+                zbad = True
+            elif idx >= d:
+                ibad = True
+            else:
+                if zeta < np.uint64(ntab):
+                    v = tab[zeta]
+                else:
+                    v = np.float32((nsc * np.float64(zeta)) / sd)
+                out[idx] = -v if (w2 >> U63) != U0 else v
+            pos += np.int64(ln)
+            off += ln
+            while off >= U64:
+                off -= U64
+                cur = nxt
+                nxt = _bswap(words[wi])
+                wi += 1
+        return ERR_OK, 0, pos, zbad, ibad
+
+    @njit
+    def sumsq8(x, acc):
+        """acc[j] += float64(x[i])**2 for i = j mod 8, sequentially in i (8 accumulators); the
+        numpy path computes the same sums with add.accumulate along axis 0 (see qsgd.norm_acc)."""
+        d = x.shape[0]
+        a0, a1, a2, a3 = acc[0], acc[1], acc[2], acc[3]
+        a4, a5, a6, a7 = acc[4], acc[5], acc[6], acc[7]
+        n8 = d - d % 8
+        for i in range(0, n8, 8):
+            v0 = np.float64(x[i])
+            v1 = np.float64(x[i + 1])
+            v2 = np.float64(x[i + 2])
+            v3 = np.float64(x[i + 3])
+            v4 = np.float64(x[i + 4])
+            v5 = np.float64(x[i + 5])
+            v6 = np.float64(x[i + 6])
+            v7 = np.float64(x[i + 7])
+            a0 += v0 * v0
+            a1 += v1 * v1
+            a2 += v2 * v2
+            a3 += v3 * v3
+            a4 += v4 * v4
+            a5 += v5 * v5
+            a6 += v6 * v6
+            a7 += v7 * v7
+        acc[0], acc[1], acc[2], acc[3] = a0, a1, a2, a3
+        acc[4], acc[5], acc[6], acc[7] = a4, a5, a6, a7
+        for i in range(n8, d):
+            v = np.float64(x[i])
+            acc[i - n8] += v * v
+
+    @njit
+    def sign_pack(x, out):
+        """out[j] = MSB-first bits (x[8j + t] < 0); returns False if x holds NaN/Inf."""
+        d = x.shape[0]
+        nfull = d // 8
+        z = np.float32(0)  # becomes NaN iff some x is NaN or Inf (x * 0)
+        for j in range(nfull):
+            b = 0
+            base = 8 * j
+            for t in range(8):
+                xi = x[base + t]
+                z += xi * np.float32(0)
+                b = (b << 1) | (1 if xi < np.float32(0) else 0)
+            out[j] = b
+        if d % 8:
+            b = 0
+            for t in range(8):
+                i = 8 * nfull + t
+                bit = 0
+                if i < d:
+                    xi = x[i]
+                    z += xi * np.float32(0)
+                    bit = 1 if xi < np.float32(0) else 0
+                b = (b << 1) | bit
+            out[nfull] = b
+        return z == np.float32(0)
+
+    @njit
+    def sign_unpack(bits, offsets, scales_u32, out_u32):
+        """out bits = scale bits of the element's block | sign bit << 31."""
+        nb = offsets.shape[0] - 1
+        for b in range(nb):
+            sc = scales_u32[b]
+            for i in range(offsets[b], offsets[b + 1]):
+                bit = (np.uint32(bits[i >> 3]) >> np.uint32(7 - (i & 7))) & np.uint32(1)
+                out_u32[i] = sc | (bit << np.uint32(31))
