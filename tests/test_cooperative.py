@@ -108,7 +108,7 @@ def members(n: int, steps: int) -> dict:
     ring = ring_or_matrix(n)
     add("coop", {"name": "cooperative", "tau": 2}, ring)
     add("coop_m_k0", {"name": "cooperative", "tau": 3, "mix_rule": "mix_then_step", "avg_phase": "k0"}, ring)
-    add("coop_elastic", {"name": "cooperative", "tau": 1}, {"name": "elastic", "alpha": 0.3})
+    add("coop_elastic", {"name": "cooperative", "tau": 1}, {"name": "elastic", "alpha": "best"})
     add("pasgd", {"name": "pasgd", "tau": 3}, None)
     add("pasgd_m", {"name": "pasgd", "tau": 3, "mix_rule": "mix_then_step"}, None)
     add("pasgd_complete", {"name": "pasgd", "tau": 2}, {"name": "complete"})
@@ -137,7 +137,7 @@ def members(n: int, steps: int) -> dict:
 STEPS = 9
 
 
-@pytest.mark.parametrize("n", [2, 4, 8])
+@pytest.mark.parametrize("n", [pytest.param(2, marks=pytest.mark.slow), 4, pytest.param(8, marks=pytest.mark.slow)])
 def test_members_equal_matrix_reference(n, tmp_path):
     mem = members(n, STEPS)
     cfgs = {k: v[0] for k, v in mem.items()}
@@ -284,3 +284,43 @@ class _Probe:
         self.W = np.asarray(topo.W)
         self.M = topo.M
         self.v = topo.v
+
+
+# -- SIGKILL resume: z, the remote auxiliary copies, a pending non-blocking exchange, group comms --
+def resume_cfg(alg: dict, topo: dict | None, server: str = "rank0") -> dict:
+    raw = {"seed": 5, "run": {"progress": False, "server": server},
+           "train": {"epochs": 2, "batch_size": 8, "lr": 0.05, "eval_every": 30, "log_every": 7,
+                     "checkpoint_every": 10, "schedule": {"kind": "step", "milestones": [1]}},
+           "model": {"name": "mlp", "hidden": [16]}, "data": {"name": "digits", "params": {"max_train": 600}},
+           "algorithm": alg}
+    if topo is not None:
+        raw["topology"] = topo
+    return raw
+
+
+RESUME = {
+    "easgd_nb_ded": (3, resume_cfg({"name": "easgd", "tau": 3, "nonblocking": True},
+                                   {"name": "elastic", "alpha": 0.3}, "dedicated")),
+    "hierarchical": (3, resume_cfg({"name": "hierarchical", "tau": 2, "nonblocking": True},
+                                   {"name": "hierarchical", "groups": 2})),
+    "easgd_rank0": (2, resume_cfg({"name": "easgd", "mix_rule": "mix_then_step"}, {"name": "elastic", "alpha": 0.3})),
+    "cooperative": (3, resume_cfg({"name": "cooperative", "tau": 2},
+                                  {"name": "matrix", "W": [[0.5, 0.25, 0.25], [0.25, 0.5, 0.25], [0.25, 0.25, 0.5]]})),
+    "pasgd": (2, resume_cfg({"name": "pasgd", "tau": 3}, None)),
+    "d_pasgd": (2, resume_cfg({"name": "d_pasgd", "tau": 2}, {"name": "matrix", "W": [[0.7, 0.3], [0.3, 0.7]]})),
+    "generalized_elastic": (3, resume_cfg(
+        {"name": "generalized_elastic", "nonblocking": True},
+        {"name": "generalized_elastic", "base": "matrix", "alpha": "best",
+         "base_params": {"W": [[0.5, 0.25, 0.25], [0.25, 0.5, 0.25], [0.25, 0.25, 0.5]]}})),
+}
+FAST_RESUME = ("easgd_nb_ded", "hierarchical")
+
+
+@pytest.mark.parametrize("name", [pytest.param(k, marks=() if k in FAST_RESUME else pytest.mark.slow)
+                                  for k in RESUME])
+def test_sigkill_resume_bit_identical(name, tmp_path):
+    from resume_util import check_kill_resume
+    n, raw = RESUME[name]
+    ref = run_many(n, {name: raw}, tmp_path)[name]
+    step = check_kill_resume(n, raw, tmp_path, name, ref, min_step=20)
+    assert step >= 20

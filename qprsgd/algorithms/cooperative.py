@@ -17,17 +17,13 @@ ascending node order j in float32.
 
 Registry entries (one engine, thin entries; each checks its topology at build time):
 
-================== ======================== ======================================================
-name               A(τ, W, v)               topology / placement of the auxiliary nodes
-================== ======================== ======================================================
-``cooperative``    A(τ, W, v), any W        any; aux node M+k on worker k mod M, or, for a grouped
-                                            topology (``hierarchical``), a_g on g's first worker
-``pasgd``          A(τ, J, 0), eq. (3)      ``allreduce`` (all-reduce transport) or ``complete``
-``d_pasgd``        A(τ, W, 0), §6.1         any worker topology (v = 0); τ = 1 is D-PSGD, eq. (6)
-``easgd``          A(τ, W_α, 1), eq. (11)   ``elastic``; z on ``env.server`` (run.server)
-``generalized_elastic`` A(τ, W′, 1), eq. (23) ``generalized_elastic``; z on ``env.server``
-``hierarchical``   A(τ, W_h, q), §6.3       ``hierarchical``; a_g on g's first worker
-================== ======================== ======================================================
+  cooperative          A(τ, W, v), any W      aux node M+k on worker k mod M; with a grouped topology
+                                              (``hierarchical``) a_g on group g's first worker
+  pasgd                A(τ, J, 0), eq. (3)    topology ``allreduce`` (all-reduce transport) or ``complete``
+  d_pasgd              A(τ, W, 0), §6.1       any worker topology (v = 0); τ = 1 is D-PSGD, eq. (6)
+  easgd                A(τ, W_α, 1), (11)     topology ``elastic``; z on ``env.server`` (run.server)
+  generalized_elastic  A(τ, W′, 1), (23)      topology ``generalized_elastic``; z on ``env.server``
+  hierarchical         A(τ, W_h, q), §6.3     topology ``hierarchical``; a_g on group g's first worker
 
 EASGD under rule (10): x⁽ⁱ⁾ ← (1−α)(x⁽ⁱ⁾ − ηgᵢ) + αz, z ← (1 − mα)z + αΣᵢ(x⁽ⁱ⁾ − ηgᵢ); under
 Remark 1 it is the familiar eq. (4)–(5) (x⁽ⁱ⁾ ← x⁽ⁱ⁾ − ηgᵢ − α(x⁽ⁱ⁾ − z), z ← (1−mα)z + mαx̄).
