@@ -165,14 +165,21 @@ def cmd_topo(args) -> int:
         print(f"qprsgd: {e}", file=sys.stderr)
         return EXIT_CONFIG
     from .topology import format_report
-    alpha = None
+    alpha = d = s = None
     if cfg.codec is not None:
+        from .experiment import model_size
         from .registry import CODECS
+        d, _ = model_size(cfg)
         cls = CODECS.get(cfg.codec.name).factory
-        alpha_fn = getattr(cls, "alpha", None)
-        if alpha_fn is not None:
-            alpha = alpha_fn(**cfg.codec.kwargs())
-    print(format_report(topo, alpha=alpha))
+        if hasattr(cls, "alpha"):
+            alpha = cls.alpha(d, **cfg.codec.kwargs())
+        s = cfg.codec.kwargs().get("s") if cfg.codec.name.startswith("qsgd") else None
+        if cfg.codec.name.startswith("qsgd") and s is None:
+            import math
+            s = math.isqrt(d - 1) + 1 if d > 1 else 1
+    print(format_report(topo, alpha=alpha, d=d, s=s))
+    if alpha is None and cfg.codec is not None:
+        print(f"(codec {cfg.codec.name!r} states no compression constant α: no DCD verdict)")
     return 0
 
 

@@ -130,9 +130,24 @@ def build_topology(cfg: Config, M: int):
     topo = entry.factory(M, **cfg.topology.kwargs())
     cls = ALGORITHMS.get(cfg.algorithm.name).factory
     rule = getattr(cls, "mixing_rule", "gossip")
-    from .topology import check_mixing
-    check_mixing(topo.W, rule)
+    from .topology import check_mixing, check_mixing_structure
+    if cfg.topology.kwargs().get("allow_divergent"):
+        # the user asked for ζ ≥ 1 on purpose (e.g. EASGD's α above 2/(m+1), cooperative-sgd §5.1):
+        # keep the structural checks (symmetric, doubly stochastic), skip ζ < 1
+        check_mixing_structure(topo.W)
+    else:
+        check_mixing(topo.W, rule)
     return topo
+
+
+def model_size(cfg: Config) -> tuple[int, tuple]:
+    """(d, blocks) of the configured model on the configured dataset (builds both, no MPI)."""
+    from .models import FlatParams, build_model
+    data = DATASETS.get(cfg.data.name).factory(cfg.data.data_dir, **dict(cfg.data.params))
+    module = build_model(cfg.model.name, tuple(data.in_shape), data.num_classes, seed=cfg.seed,
+                         **cfg.model.kwargs())
+    flat = FlatParams(module)
+    return flat.d, tuple(flat.blocks)
 
 
 def preflight(cfg: Config, world_size: int) -> None:

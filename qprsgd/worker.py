@@ -264,6 +264,7 @@ class Loop:
                 if self.row_steps:
                     self._log_row(lr, elapsed)
                 self.save_checkpoint(time.perf_counter() - start)
+        e.algorithm.finish()
         if self.logger is not None:
             self.logger.flush()
 

@@ -84,6 +84,10 @@ class Algorithm:
     def step(self, t: int, lr: float, grad: Optional[GradFn]) -> None:  # pragma: no cover
         raise NotImplementedError
 
+    def finish(self) -> None:
+        """Called once after the last step (before final parameters are gathered): complete any
+        non-blocking exchange still in flight.  Default: nothing to do."""
+
     # weight decay folded into the gradient (algorithms that treat it otherwise override)
     def _wd(self, g: np.ndarray) -> np.ndarray:
         if self.env.weight_decay:

@@ -64,7 +64,6 @@ update), ``compute_delay_s`` sleeps after every gradient (heavier local compute)
 """
 from __future__ import annotations
 
-import atexit
 import time
 from typing import Literal, Optional
 
@@ -195,10 +194,6 @@ class Cooperative(Algorithm):
                 for a in nodes:
                     self.cache[a] = x0.copy()
         self._pending: list = []
-        if self.nonblocking and self.routes:
-            # the last round's auxiliary exchange is still posted when the run ends: complete it
-            # before MPI finalizes (atexit runs last-registered first, so before mpi4py's handler)
-            atexit.register(self._finish_pending)
 
     # -- configuration ------------------------------------------------------------------------
     def _check_topology(self, topo) -> None:
@@ -369,6 +364,11 @@ class Cooperative(Algorithm):
                 for p, a in enumerate(rt.arecv[k]):
                     self.cache[a][...] = arr[p * d:(p + 1) * d]
         self._pending = []
+
+    def finish(self) -> None:
+        """The last round's auxiliary exchange may still be in flight (non-blocking): complete it."""
+        self._finish_pending()
+        self._fold_counters()
 
     def _fold_counters(self) -> None:
         """Sub-communicators' byte counters go into env.comm's (the loop logs env.comm only)."""

@@ -117,6 +117,12 @@ class RandK(_FixedK):
     unbiased = True
     deterministic = False
 
+    @classmethod
+    def alpha(cls, d: int, k: Optional[int] = None, ratio: Optional[float] = None) -> float:
+        """Compression constant (dcd-ecd L194): E‖C(z) − z‖² = (d/k − 1)‖z‖² exactly."""
+        k = int(k) if k is not None else max(1, math.ceil(float(ratio) * d))
+        return math.sqrt(d / k - 1.0)
+
     def encode(self, x, rng=None) -> Payload:
         xp = self.xp
         x = self._check_input(x)
@@ -146,6 +152,11 @@ class BernoulliP(_Sparse):
 
     def __repr__(self):
         return f"{type(self).__name__}(d={self.d}, p={self.p})"
+
+    @classmethod
+    def alpha(cls, d: int, p: float = 0.5) -> float:
+        """Compression constant (dcd-ecd L194, footnote 2): E‖C(z) − z‖² = ((1 − p)/p)‖z‖² exactly."""
+        return math.sqrt((1.0 - p) / p)
 
     def encode(self, x, rng=None) -> Payload:
         xp = self.xp

@@ -8,6 +8,8 @@ Wire: m, M as little-endian float32, then d b-bit fields MSB-first, zero-padded.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,6 +43,14 @@ class StochasticBits(Codec):
 
     def __repr__(self):
         return f"{type(self).__name__}(d={self.d}, b={self.b})"
+
+    @classmethod
+    def alpha(cls, d: int, b: int = 8) -> float:
+        """Compression constant (dcd-ecd L194): a bound on sqrt(E‖C(z) − z‖²/‖z‖²) for every z.
+
+        Each element's rounding variance is at most Δ²/4, Δ = (max − min)/(2^b − 1), and
+        (max − min)² ≤ 2‖z‖², so α² ≤ d/(2(2^b − 1)²).  (A worst case: typical vectors do far better.)"""
+        return math.sqrt(d / 2.0) / ((1 << int(b)) - 1)
 
     def encode(self, x, rng=None) -> Payload:
         xp = self.xp
