@@ -9,7 +9,12 @@ bits/element and the break-even bandwidth B* = (32 d - nbits) / (t_enc + t_dec):
 slower than B* compressing saves wall time.
 
     .venv/bin/python scripts/bench_codecs.py [--d 10000000] [--repeat 5] [--codecs qsgd,sign]
-                                             [--xp numpy|cupy]
+                                             [--xp numpy|cupy] [--backend default|numpy|both]
+
+The ``backend`` column says which kernels ran: ``numba`` (compiled, the default for numpy arrays
+when numba imports) or ``numpy`` (vectorized; QPRSGD_NO_NUMBA=1, cupy, or ``--backend numpy``).
+``--backend both`` runs every codec that has a numba path twice.  Run it pinned and repeated on a
+busy machine (``taskset -c 1 ...``): memcpy is measured in the same run, compare the ratios.
 """
 from __future__ import annotations
 
@@ -64,6 +69,8 @@ def main(argv=None):
     ap.add_argument("--codecs", default=None, help="comma-separated codec names (default: all)")
     ap.add_argument("--xp", default="numpy", choices=["numpy", "cupy"])
     ap.add_argument("--no-resnet", action="store_true", help="skip the ResNet-18-sized vector")
+    ap.add_argument("--backend", default="default", choices=["default", "numpy", "both"],
+                    help="numpy: force the vectorized kernels; both: numba and numpy rows")
     a = ap.parse_args(argv)
     if a.xp == "cupy":
         import cupy as xp
@@ -82,9 +89,10 @@ def main(argv=None):
         t_cp, _ = best(lambda: xp.copyto(y, x), a.repeat, sync)
         mc = 4 * d / t_cp / 1e9
         print(f"\n## {label}: d = {d:,}  ({a.xp}; numpy memcpy {mc:.2f} GB/s, best of {a.repeat})")
-        print("| codec | params | bits/elem | enc GB/s | dec GB/s | enc/memcpy | dec/memcpy | t_enc ms |"
-              " t_dec ms | B* Gb/s |")
-        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("| codec | params | backend | bits/elem | enc GB/s | dec GB/s | enc/memcpy | dec/memcpy |"
+              " t_enc ms | t_dec ms | B* Gb/s |")
+        print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        runs = []
         for name, params in CONFIGS:
             if wanted and name not in wanted:
                 continue
@@ -93,6 +101,14 @@ def main(argv=None):
             codec = e.factory(d, blocks if name == "block_sign" and blocks else None, xp=xp, **p)
             if name == "block_sign" and not blocks:
                 codec = e.factory(d, None, xp=xp, block_size=1 << 18)
+            has_nb = getattr(codec, "backend", "numpy") == "numba"
+            if a.backend in ("default", "both") or not has_nb:
+                runs.append((name, params, codec))
+            if has_nb and a.backend in ("numpy", "both"):
+                c2 = e.factory(d, codec.blocks if name == "block_sign" else None, xp=xp, **p)
+                c2.backend = "numpy"
+                runs.append((name, params, c2))
+        for name, params, codec in runs:
             rng = np.random.default_rng(1)
             te, pay = best(lambda: codec.encode(x, rng), a.repeat, sync)
             td, _ = best(lambda: codec.decode(pay), a.repeat, sync)
@@ -103,12 +119,13 @@ def main(argv=None):
                 desc = f"B={codec.B}"
             if name.startswith("qsgd"):
                 desc = f"s={codec.s}"
-            print(f"| {name} | {desc} | {pay.nbits / d:.3f} | {gbe:.2f} | {gbd:.2f} | {gbe / mc:.2f} |"
+            backend = getattr(codec, "backend", "numpy")
+            print(f"| {name} | {desc} | {backend} | {pay.nbits / d:.3f} | {gbe:.2f} | {gbd:.2f} | {gbe / mc:.2f} |"
                   f" {gbd / mc:.2f} | {te * 1e3:.1f} | {td * 1e3:.1f} | {bstar:.2f} |")
             if name in ("qsgd", "qsgd_runlength"):
                 print(f"|  | wire size at s={codec.s}: {pay.nbytes / 2**20:.2f} MiB = "
                       f"{100 * pay.nbits / (32 * d):.1f}% of fp32 ({32 * d / 8 / 2**20:.2f} MiB) |"
-                      " | | | | | | | |")
+                      " | | | | | | | | |")
 
 
 if __name__ == "__main__":
