@@ -457,6 +457,27 @@ if HAVE_NUMBA:
             acc[i - n8] += v * v
 
     @njit
+    def abssum8(x, acc):
+        """acc[j] += |float64(x[i])| for i = j mod 8, sequentially in i (as sumsq8, with |.|)."""
+        d = x.shape[0]
+        a0, a1, a2, a3 = acc[0], acc[1], acc[2], acc[3]
+        a4, a5, a6, a7 = acc[4], acc[5], acc[6], acc[7]
+        n8 = d - d % 8
+        for i in range(0, n8, 8):
+            a0 += abs(np.float64(x[i]))
+            a1 += abs(np.float64(x[i + 1]))
+            a2 += abs(np.float64(x[i + 2]))
+            a3 += abs(np.float64(x[i + 3]))
+            a4 += abs(np.float64(x[i + 4]))
+            a5 += abs(np.float64(x[i + 5]))
+            a6 += abs(np.float64(x[i + 6]))
+            a7 += abs(np.float64(x[i + 7]))
+        acc[0], acc[1], acc[2], acc[3] = a0, a1, a2, a3
+        acc[4], acc[5], acc[6], acc[7] = a4, a5, a6, a7
+        for i in range(n8, d):
+            acc[i - n8] += abs(np.float64(x[i]))
+
+    @njit
     def sign_pack(x, out):
         """out[j] = MSB-first bits (x[8j + t] < 0); returns False if x holds NaN/Inf."""
         d = x.shape[0]

@@ -34,25 +34,28 @@ class QSGDParams(BaseModel):
     s: Optional[int] = Field(None, ge=1, le=S_MAX)
 
 
-def norm_acc(x, use_numba: Optional[bool] = None) -> float:
-    """sum_i float64(x_i)**2 in a fixed order that numpy and the numba kernel both reproduce
-    exactly: 8 accumulators, accumulator j adds the squares of x_i, i = j mod 8, sequentially in
-    i (``add.accumulate`` along axis 0 is sequential by definition); then
-    ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)).  NaN/Inf in x give a non-finite sum; a
-    finite float32 x cannot overflow it (d * 3.4e38**2 < 1.8e308)."""
+def norm_acc(x, use_numba: Optional[bool] = None, absolute: bool = False) -> float:
+    """sum_i float64(x_i)**2 (``absolute``: sum_i |float64(x_i)|) in a fixed order that numpy and
+    the numba kernel both reproduce exactly, whatever the array's memory alignment (BLAS sums are
+    not: their order depends on it, which broke bit-identical runs): 8 accumulators, accumulator j
+    adds the terms of x_i, i = j mod 8, sequentially in i (``add.accumulate`` along axis 0 is
+    sequential by definition); then ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)).  NaN/Inf in
+    x give a non-finite sum; a finite float32 x cannot overflow it (d * 3.4e38**2 < 1.8e308)."""
     if not isinstance(x, np.ndarray):  # cupy: the GPU's scans are not sequential -> host
         x = x.get()
     if use_numba is None:
         use_numba = _nk.enabled()
+    acc = np.zeros(8, dtype=np.float64)
     if use_numba:
-        acc = np.zeros(8, dtype=np.float64)
-        _nk.sumsq8(x, acc)
+        (_nk.abssum8 if absolute else _nk.sumsq8)(x, acc)
     else:
-        acc = np.zeros(8, dtype=np.float64)
         step = 1 << 16
         for i in range(0, x.shape[0], step):
             c = x[i:i + step].astype(np.float64)
-            c *= c
+            if absolute:
+                np.abs(c, out=c)
+            else:
+                c *= c
             pad = (-c.shape[0]) % 8
             rows = (c.shape[0] + pad) // 8
             buf = np.zeros((rows + 1, 8)) if pad else np.empty((rows + 1, 8))
