@@ -226,7 +226,9 @@ def test_error_feedback_and_virtual_sequence(alg, wd, layout):
             np.testing.assert_array_equal(data, pay.data)                 # the same Δ̃ to everybody
         for a in W[1:]:
             np.testing.assert_array_equal(a.x, W[0].x)                   # identical models
-        saw_nonzero_e |= bool(np.abs(srv.e_srv).max() > 0) and bool(np.abs(e_prev).max() > 0)
+        # with one worker the server recompresses a block-sign vector, which block sign keeps
+        # exactly (every element of a block has the block's scale): ẽ = 0 is then the right answer
+        saw_nonzero_e |= bool(np.abs(e_prev).max() > 0) and (M == 1 or bool(np.abs(srv.e_srv).max() > 0))
         # virtual sequence
         x_next = W[0].x.astype(np.float64)
         e_now = np.stack([a.e for a in W]).astype(np.float64).mean(0)
