@@ -36,6 +36,8 @@ METRIC_COLUMNS = {
     "t_compute": ("f8", "seconds in forward/backward over this row's steps (max over ranks)"),
     "t_codec": ("f8", "seconds in encode/decode over this row's steps (max over ranks)"),
     "t_comm": ("f8", "seconds inside MPI over this row's steps (max over ranks)"),
+    "t_comm_min": ("f8", "seconds inside MPI over this row's steps (min over ranks: the rank that "
+                         "waited least for the others, closest to pure transfer time)"),
     "t_step": ("f8", "seconds for this row's steps (max over ranks)"),
     "steps": ("i8", "number of steps this row covers"),
 }

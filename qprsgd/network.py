@@ -240,6 +240,7 @@ class RowTerms:
     t_comm: np.ndarray
     step: np.ndarray
     per_channel: dict = field(default_factory=dict)
+    t_comm_min: Optional[np.ndarray] = None   # min over ranks (logs before schema column: None)
 
     def comm(self, net: Network) -> np.ndarray:
         """Modelled comm seconds per row on a homogeneous network."""
@@ -329,7 +330,8 @@ def row_terms(log: dict) -> RowTerms:
     t_comm = np.asarray(met["t_comm"], dtype=float)
     t_step = np.asarray(met["t_step"], dtype=float)
     local = np.maximum(t_compute + t_codec, t_step - t_comm)
-    return RowTerms(L, N, Ns, local, t_comm, np.asarray(met["step"]), per)
+    t_min = np.asarray(met["t_comm_min"], dtype=float) if "t_comm_min" in met else None
+    return RowTerms(L, N, Ns, local, t_comm, np.asarray(met["step"]), per, t_min)
 
 
 def time_to_step(terms: RowTerms, net: Network, step: float) -> float:

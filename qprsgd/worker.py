@@ -207,6 +207,7 @@ class Loop:
         maxes = e.comm.allreduce_scalars(
             [self.row_compute, (e.codec.seconds if e.codec else 0.0) - self.row_codec0,
              self._comm_seconds() - self.row_comm0, self.row_step], op="max")
+        comm_min = e.comm.allreduce_scalars([self._comm_seconds() - self.row_comm0], op="min")[0]
         per_rank = e.comm.gather_rows([msgs, tot])
         if self.logger is not None:
             self.logger.record("metrics", {
@@ -215,7 +216,8 @@ class Loop:
                 "bits_sent": int(8 * sums[2]), "bits_up": int(8 * sums[3]), "bits_down": int(8 * sums[4]),
                 "payload_bits": int(sums[6]), "messages": int(sums[5]),
                 "wall_time": self.wall_offset + elapsed,
-                "t_compute": maxes[0], "t_codec": maxes[1], "t_comm": maxes[2], "t_step": maxes[3],
+                "t_compute": maxes[0], "t_codec": maxes[1], "t_comm": maxes[2], "t_comm_min": comm_min,
+                "t_step": maxes[3],
                 "steps": self.row_steps,
             }, per_rank=(per_rank[:, 0].astype(np.int64), per_rank[:, 1].astype(np.int64), ch_bytes, ch_msgs))
         self._reset_row()
