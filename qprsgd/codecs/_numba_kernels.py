@@ -513,3 +513,457 @@ if HAVE_NUMBA:
             for i in range(offsets[b], offsets[b + 1]):
                 bit = (np.uint32(bits[i >> 3]) >> np.uint32(7 - (i & 7))) & np.uint32(1)
                 out_u32[i] = sc | (bit << np.uint32(31))
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-threaded kernels (numba ``parallel=True``, one ``prange`` iteration per segment).
+#
+# Every kernel below produces exactly the bytes / values of the single-thread kernels above,
+# whatever the thread count: the work is split into segments whose results do not depend on how
+# many threads run them, and the segments are combined in a fixed order.
+#   * block_sign: the L1 norm of a block is summed by ONE thread in the order of ``abssum8``
+#     (threads own whole blocks; a single block -- the ``sign`` codec -- is one thread's job);
+#     sign bits and the decode expansion are split into byte-aligned element ranges.
+#   * qsgd encode: segment t starts the PCG64 stream at its first element's draw (the state is
+#     jumped ahead with the LCG's O(log n) advance, ``pcg64_segment_states``), writes its own
+#     bitstream from bit 0, and the segments' bitstreams are concatenated in order.
+#   * qsgd decode: segment 0 parses from bit 32; segment t >= 1 parses speculatively from the
+#     middle of the stream (restarting one bit later after an impossible code while it has not
+#     yet recorded ``SPEC_K`` record starts) into scratch.  Segment 0's parse ends at the first
+#     true record start p >= its stop bit; if p is one of segment 1's recorded starts, segment
+#     1's records from there on are the true ones (the stream is deterministic from a record
+#     start) and are copied into place; otherwise -- or on any error, count mismatch or level >
+#     s -- the serial decoder resumes from the last true (position, index) and reports exactly
+#     what the single-thread decoder reports.
+# --------------------------------------------------------------------------------------------
+
+_M128 = (1 << 128) - 1
+_M64 = (1 << 64) - 1
+PCG_MULT = (PCG_MULT_HI << 64) | PCG_MULT_LO
+
+
+def threads() -> int:
+    """Codec threads: env ``QPRSGD_CODEC_THREADS`` (default 2), at least 1.  Under mpiexec with
+    several ranks per node, these threads compete with the ranks for cores (docs/codecs.md)."""
+    v = os.environ.get("QPRSGD_CODEC_THREADS", "2")
+    try:
+        n = int(v)
+    except ValueError:
+        raise ValueError(f"QPRSGD_CODEC_THREADS must be an integer, got {v!r}") from None
+    if n < 1:
+        raise ValueError(f"QPRSGD_CODEC_THREADS must be >= 1, got {n}")
+    return n
+
+
+def _lcg_advance(state: int, inc: int, n: int) -> int:
+    """state after n steps of state <- state * PCG_MULT + inc (mod 2**128), in O(log n)."""
+    am, ap, cm, cp = 1, 0, PCG_MULT, inc
+    while n:
+        if n & 1:
+            am = (am * cm) & _M128
+            ap = (ap * cm + cp) & _M128
+        cp = ((cm + 1) * cp) & _M128
+        cm = (cm * cm) & _M128
+        n >>= 1
+    return (am * state + ap) & _M128
+
+
+def _xsl_rr(state: int) -> int:
+    v = ((state >> 64) ^ state) & _M64
+    r = state >> 122
+    return ((v >> r) | (v << ((64 - r) & 63))) & _M64
+
+
+def pcg64_segment_states(state, starts):
+    """Per-segment PCG64 state rows (layout of :func:`pcg64_state`) for float32 draws: row t is
+    the generator as it stands before draw number ``starts[t]`` of ``rng.random(n, float32)``."""
+    s0 = (int(state[0]) << 64) | int(state[1])
+    inc = (int(state[2]) << 64) | int(state[3])
+    has, buf = int(state[4]), int(state[5])
+    out = np.zeros((len(starts), 6), dtype=np.uint64)
+    for t, e in enumerate(starts):
+        e = int(e)
+        if e == 0:
+            st, h, b = s0, has, buf
+        else:
+            m = e - 1 if has else e     # draws served by fresh 64-bit outputs before element e
+            q, odd = divmod(m, 2)
+            if odd:                     # the low half of output q was used: its high half waits
+                st = _lcg_advance(s0, inc, q + 1)
+                h, b = 1, _xsl_rr(st) >> 32
+            else:
+                st = _lcg_advance(s0, inc, q)
+                h, b = 0, 0
+        out[t] = [st >> 64, st & _M64, state[2], state[3], h, b]
+    return out
+
+
+if HAVE_NUMBA:
+    pjit = numba.njit(cache=True, nogil=True, error_model="numpy", parallel=True)
+    SPEC_K = 1024   # record starts a speculative decode segment remembers
+    SPEC_R = 64     # ring of the last record ends of a speculative segment
+
+    # ---- block_sign / sign ------------------------------------------------------------------
+    @njit
+    def _abs_acc(x, p, q, ph, acc):
+        """acc[(ph + i - p) % 8] += |float64(x[i])| for i in p..q-1, sequentially in i (the
+        order of ``abssum8`` when ph is the phase of p relative to its block start)."""
+        i = p
+        while i < q and (ph + i - p) % 8 != 0:
+            acc[(ph + i - p) % 8] += abs(np.float64(x[i]))
+            i += 1
+        a0, a1, a2, a3 = acc[0], acc[1], acc[2], acc[3]
+        a4, a5, a6, a7 = acc[4], acc[5], acc[6], acc[7]
+        n8 = i + ((q - i) // 8) * 8
+        for k in range(i, n8, 8):
+            a0 += abs(np.float64(x[k]))
+            a1 += abs(np.float64(x[k + 1]))
+            a2 += abs(np.float64(x[k + 2]))
+            a3 += abs(np.float64(x[k + 3]))
+            a4 += abs(np.float64(x[k + 4]))
+            a5 += abs(np.float64(x[k + 5]))
+            a6 += abs(np.float64(x[k + 6]))
+            a7 += abs(np.float64(x[k + 7]))
+        acc[0], acc[1], acc[2], acc[3] = a0, a1, a2, a3
+        acc[4], acc[5], acc[6], acc[7] = a4, a5, a6, a7
+        for k in range(n8, q):
+            acc[k - n8] += abs(np.float64(x[k]))
+
+    @njit
+    def _pack_bytes(x, j0, j1, out):
+        """out[j] = MSB-first bits (x[8j + t] < 0) for the full bytes j0..j1-1."""
+        for j in range(j0, j1):
+            base = 8 * j
+            b = 0
+            for t in range(8):
+                b = (b << 1) | (1 if x[base + t] < np.float32(0) else 0)
+            out[j] = b
+
+    SIGN_CHUNK = 1 << 14   # elements per L2-resident piece: L1 sum, then sign bits, same pass
+
+    @pjit
+    def block_sign_encode(x, offsets, tb, acc8, sums, out):
+        """Per-block L1 sums (float64 in the order of ``abssum8``: ``sums[b]``) and the packed
+        sign bits of x (``out``, MSB-first), in one pass over memory: x is walked in global
+        pieces of SIGN_CHUNK elements; each piece is added to its blocks' 8 accumulators
+        (``acc8[b]``) and then packed while it is in cache.  Thread t owns blocks
+        tb[t]..tb[t+1]-1 (a block is summed by one thread, sequentially) and packs the bytes that
+        lie wholly inside its element range; the bytes that straddle two threads' ranges and the
+        zero-padded last byte are packed afterwards.  Returns False when a sum is not finite."""
+        nt = tb.shape[0] - 1
+        for t in numba.prange(nt):
+            _block_sign_task(t, x, offsets, tb, acc8, out)
+        return _block_sign_finish(x, offsets, tb, acc8, sums, out)
+
+    @njit
+    def _block_sign_task(t, x, offsets, tb, acc8, out):
+        """Thread t's blocks of block_sign_encode."""
+        b0, b1 = tb[t], tb[t + 1]
+        if b0 < b1:
+            lo, hi = offsets[b0], offsets[b1]
+            for b in range(b0, b1):
+                acc8[b, :] = 0.0
+            b = b0
+            c0 = (lo // SIGN_CHUNK) * SIGN_CHUNK
+            while c0 < hi:
+                c1 = c0 + SIGN_CHUNK
+                p = max(c0, lo)
+                q = min(c1, hi)
+                while p < q:
+                    while offsets[b + 1] <= p:
+                        b += 1
+                    e = min(q, offsets[b + 1])
+                    _abs_acc(x, p, e, (p - offsets[b]) % 8, acc8[b])
+                    p = e
+                _pack_bytes(x, (max(c0, lo) + 7) // 8, q // 8, out)
+                c0 = c1
+
+    @njit
+    def _block_sign_finish(x, offsets, tb, acc8, sums, out):
+        """block_sign_encode's serial tail (kept out of the parallel function)."""
+        d = x.shape[0]
+        nt = tb.shape[0] - 1
+        nb = offsets.shape[0] - 1
+        # bytes straddling a thread boundary, and the padded last byte
+        for t in range(1, nt):
+            p = offsets[tb[t]]
+            if p % 8 != 0 and p < d:
+                j = p // 8
+                v = 0
+                for k in range(8):
+                    i = 8 * j + k
+                    v = (v << 1) | (1 if i < d and x[i] < np.float32(0) else 0)
+                out[j] = v
+        if d % 8:
+            j = d // 8
+            v = 0
+            for k in range(8):
+                i = 8 * j + k
+                v = (v << 1) | (1 if i < d and x[i] < np.float32(0) else 0)
+            out[j] = v
+        ok = True
+        for b in range(nb):
+            a = acc8[b]
+            s = ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))
+            sums[b] = s
+            if not np.isfinite(s):
+                ok = False
+        return ok
+
+    @pjit
+    def block_sign_decode(bits, offsets, scales_u32, bounds, out_u32):
+        """out bits = scale bits of the element's block | sign bit << 31; thread t writes the
+        elements bounds[t]..bounds[t+1]-1 (bounds are multiples of 8 except the last = d)."""
+        nt = bounds.shape[0] - 1
+        for t in numba.prange(nt):
+            p, q = bounds[t], bounds[t + 1]
+            if p >= q:
+                continue
+            b = np.searchsorted(offsets, p, side="right") - 1
+            while p < q:
+                e = min(q, offsets[b + 1])
+                sc = scales_u32[b]
+                i = p
+                while i < e and (i & 7) != 0:
+                    bit = (np.uint32(bits[i >> 3]) >> np.uint32(7 - (i & 7))) & np.uint32(1)
+                    out_u32[i] = sc | (bit << np.uint32(31))
+                    i += 1
+                for j in range(i >> 3, e >> 3):
+                    v = np.uint32(bits[j])
+                    base = 8 * j
+                    for k in range(8):
+                        out_u32[base + k] = sc | (((v >> np.uint32(7 - k)) & np.uint32(1)) << np.uint32(31))
+                i = max(i, (e >> 3) << 3)
+                while i < e:
+                    bit = (np.uint32(bits[i >> 3]) >> np.uint32(7 - (i & 7))) & np.uint32(1)
+                    out_u32[i] = sc | (bit << np.uint32(31))
+                    i += 1
+                p = e
+                b += 1
+
+    # ---- qsgd encode ------------------------------------------------------------------------
+    @njit
+    def _qsgd_encode_seg(x, a, b, st, mode, c, s32, out32, wi, acc, fill, ub, zeta, neg):
+        """Quantize and pack elements a..b-1 (a multiple of CHUNK) with the inline PCG64 from
+        state row ``st`` (updated), appending to the writer (out32, wi, acc, fill)."""
+        hi, lo, ihi, ilo = st[0], st[1], st[2], st[3]
+        has = st[4]
+        buf = st[5]
+        total = U0
+        for c0 in range(a, b, CHUNK):
+            n = min(CHUNK, b - c0)
+            hi, lo, has, buf = _pcg_chunk(hi, lo, ihi, ilo, has, buf, ub, n)
+            _quantize_chunk(x[c0:c0 + n], ub[:n], mode, c, s32, zeta, neg)
+            for t in range(n):
+                kk = zeta[t] + U1
+                nn = U63 - _clz(kk)
+                ln = nn + nn + np.uint64(2)
+                wi, acc, fill = _put(out32, wi, acc, fill, kk | (neg[t] << (ln - U1)), ln)
+                total += ln
+        st[0] = hi
+        st[1] = lo
+        st[4] = has
+        st[5] = buf
+        return wi, acc, fill, total
+
+    @pjit
+    def qsgd_encode_par(x, bounds, states, mode, c, s32, norm_be, words, scratch, soff, segbits,
+                        wstate):
+        """The qsgd stream of ``qsgd_quantize_pack`` (inline PCG64 draws) with the elements
+        split into segments bounds[t]..bounds[t+1]-1 (multiples of CHUNK): segment 0 writes the
+        norm and its records into ``words``; segment t >= 1 writes its records from bit 0 of
+        ``scratch`` words soff[t]..; :func:`qsgd_append` then appends them in order (writer
+        states in ``wstate``).  ``states[t]`` is the generator at the segment's first draw
+        (``pcg64_segment_states``); on return row T-1 holds the state after all d draws."""
+        nt = bounds.shape[0] - 1
+        for t in numba.prange(nt):
+            _qsgd_encode_task(t, x, bounds, states, mode, c, s32, norm_be, words, scratch, soff,
+                              segbits, wstate)
+
+    @njit
+    def _qsgd_encode_task(t, x, bounds, states, mode, c, s32, norm_be, words, scratch, soff,
+                          segbits, wstate):
+        """Segment t of qsgd_encode_par (a function of its own: numba's parfor lowering
+        mishandled the branch-assigned output array when this was inlined in the prange body)."""
+        ub = np.empty(CHUNK, dtype=np.float32)
+        zeta = np.empty(CHUNK, dtype=np.uint64)
+        neg = np.empty(CHUNK, dtype=np.uint64)
+        if t == 0:
+            o32 = words.view(np.uint32)
+            wi, acc, fill = _put32(o32, 0, U0, U0, np.uint64(norm_be), U32)
+        else:
+            o32 = scratch.view(np.uint32)[2 * soff[t]:2 * soff[t + 1]]
+            wi, acc, fill = 0, U0, U0
+        wi, acc, fill, tot = _qsgd_encode_seg(x, bounds[t], bounds[t + 1], states[t], mode,
+                                              c, s32, o32, wi, acc, fill, ub, zeta, neg)
+        o32[wi] = _bswap32(np.uint32(acc >> U32))
+        segbits[t] = np.int64(tot)
+        wstate[t, 0] = np.uint64(wi)
+        wstate[t, 1] = acc
+        wstate[t, 2] = fill
+
+    @njit
+    def qsgd_append(words, scratch, soff, segbits, wstate):
+        """Append the bitstreams of segments 1.. (scratch) after segment 0's (words); returns
+        nbits."""
+        nt = segbits.shape[0]
+        out32 = words.view(np.uint32)
+        wi = np.int64(wstate[0, 0])
+        acc = wstate[0, 1]
+        fill = wstate[0, 2]
+        for t in range(1, nt):
+            r32 = scratch.view(np.uint32)[2 * soff[t]:2 * soff[t + 1]]
+            rb = segbits[t]
+            nfull = rb // 32
+            for k in range(nfull):
+                wi, acc, fill = _put32(out32, wi, acc, fill, np.uint64(_bswap32(r32[k])), U32)
+            rem = np.uint64(rb - 32 * nfull)
+            if rem != U0:
+                wi, acc, fill = _put32(out32, wi, acc, fill,
+                                       np.uint64(_bswap32(r32[nfull])) >> (U32 - rem), rem)
+        out32[wi] = _bswap32(np.uint32(acc >> U32))
+        total = 32
+        for t in range(nt):
+            total += segbits[t]
+        return total
+
+    # ---- qsgd decode ------------------------------------------------------------------------
+    @njit
+    def qsgd_decode_from(words, pos, i0, end, d, nmax, s, tab, nsc, sd, out):
+        """The serial decoder resumed at a true record start: record i0 begins at bit ``pos``.
+        Returns (err, info, end_bit, level_bad) as ``qsgd_decode``."""
+        wi = pos // 64
+        cur = _bswap(words[wi])
+        nxt = _bswap(words[wi + 1])
+        wi += 2
+        off = np.uint64(pos % 64)
+        zbad = False
+        ntab = tab.shape[0]
+        su = np.uint64(s)
+        nm = np.uint64(nmax)
+        for i in range(i0, d):
+            if pos >= end:
+                return ERR_SHORT, i, pos, zbad
+            win = _window(cur, nxt, off)
+            body = win << U1
+            n = _clz(body)
+            if n > nm:
+                return ERR_BADCODE, pos, pos, zbad
+            ln = n + n + np.uint64(2)
+            if pos + np.int64(ln) > end:
+                return ERR_PASTEND, pos, pos, zbad
+            zeta = (body >> (U63 - n - n)) - U1
+            if zeta > su:
+                zbad = True
+                v = np.float32(0)
+            elif zeta < np.uint64(ntab):
+                v = tab[zeta]
+            else:
+                v = np.float32((nsc * np.float64(zeta)) / sd)
+            out[i] = -v if (win >> U63) != U0 else v
+            pos += np.int64(ln)
+            off += ln
+            if off >= U64:
+                off -= U64
+                cur = nxt
+                nxt = _bswap(words[wi])
+                wi += 1
+        return ERR_OK, 0, pos, zbad
+
+    @njit
+    def _qsgd_parse_seg(words, pos, stop, end, cap, spec, nmax, s, tab, nsc, sd, vals,
+                        starts, ring):
+        """Parse records from bit ``pos`` while the record start is < stop, at most ``cap``
+        records, values into vals[0..].  ``spec``: a speculative start (an impossible code while
+        fewer than SPEC_K starts are recorded restarts one bit later).  Records the first SPEC_K
+        record starts and, in ``ring``, the end bit of record m at ring[m % SPEC_R].
+        Returns (n, pos, status, zlast): status 0 = reached stop/cap, 1 = impossible code,
+        2 = past the end; zlast = index of the last record with level > s (-1 if none)."""
+        ntab = tab.shape[0]
+        su = np.uint64(s)
+        nm = np.uint64(nmax)
+        while True:
+            wi = pos // 64
+            cur = _bswap(words[wi])
+            nxt = _bswap(words[wi + 1])
+            wi += 2
+            off = np.uint64(pos % 64)
+            n_rec = 0
+            zlast = -1
+            status = 0
+            restart = False
+            while pos < stop and n_rec < cap:
+                win = _window(cur, nxt, off)
+                body = win << U1
+                n = _clz(body)
+                if n > nm:
+                    if spec and n_rec < SPEC_K:
+                        restart = True
+                    status = 1
+                    break
+                ln = n + n + np.uint64(2)
+                if pos + np.int64(ln) > end:
+                    status = 2
+                    break
+                zeta = (body >> (U63 - n - n)) - U1
+                if zeta > su:
+                    zlast = n_rec
+                    v = np.float32(0)
+                elif zeta < np.uint64(ntab):
+                    v = tab[zeta]
+                else:
+                    v = np.float32((nsc * np.float64(zeta)) / sd)
+                vals[n_rec] = -v if (win >> U63) != U0 else v
+                if n_rec < SPEC_K:
+                    starts[n_rec] = pos
+                pos += np.int64(ln)
+                ring[n_rec % SPEC_R] = pos
+                n_rec += 1
+                off += ln
+                if off >= U64:
+                    off -= U64
+                    cur = nxt
+                    nxt = _bswap(words[wi])
+                    wi += 1
+            if restart:
+                pos += 1
+                if pos >= stop:
+                    return 0, pos, 1, -1
+                continue
+            return n_rec, pos, status, zlast
+
+    @pjit
+    def qsgd_decode_par(words, end, d, nmax, s, tab, nsc, sd, out, tmp, bounds, toff, res,
+                        starts, ring):
+        """Segment 0 parses from bit 32 into out; segment t >= 1 speculatively from bit
+        bounds[t] into tmp[toff[t]:toff[t+1]], each while the record start is < bounds[t+1].
+        res[t] = (n, final pos, status, zlast).  The merge is :func:`qsgd_merge`."""
+        nt = bounds.shape[0] - 1
+        for t in numba.prange(nt):
+            _qsgd_decode_task(t, words, end, d, nmax, s, tab, nsc, sd, out, tmp, bounds, toff,
+                              res, starts, ring)
+
+    @njit
+    def _qsgd_decode_task(t, words, end, d, nmax, s, tab, nsc, sd, out, tmp, bounds, toff, res,
+                          starts, ring):
+        if t == 0:
+            n, p, stt, zl = _qsgd_parse_seg(words, 32, bounds[1], end, d, False, nmax, s,
+                                            tab, nsc, sd, out, starts[0], ring[0])
+        else:
+            n, p, stt, zl = _qsgd_parse_seg(words, bounds[t], bounds[t + 1], end,
+                                            toff[t + 1] - toff[t], True, nmax, s, tab, nsc,
+                                            sd, tmp[toff[t]:toff[t + 1]], starts[t], ring[t])
+        res[t, 0] = n
+        res[t, 1] = p
+        res[t, 2] = stt
+        res[t, 3] = zl
+
+    @pjit
+    def pcopy(src, dst, nt):
+        """dst[:] = src (same length) in nt contiguous pieces."""
+        n = src.shape[0]
+        for t in numba.prange(nt):
+            a = (n * t) // nt
+            b = (n * (t + 1)) // nt
+            for i in range(a, b):
+                dst[i] = src[i]

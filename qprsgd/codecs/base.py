@@ -12,6 +12,13 @@ bits per message are counted on the wire; the unpadded figure is kept as ``paylo
 Decoding is defensive: any malformed buffer (truncated, extended, random bytes, impossible
 code lengths, wrong d) raises :class:`CodecError` -- never another exception, never a hang,
 never an allocation that is not bounded by ``d``.
+
+``decode(data, out=None)``: by default a fresh float32 vector of length d is returned.  With
+``out`` (a C-contiguous, writable float32 vector of length d of the codec's array module) the
+decoded vector is written into ``out`` and ``out`` is returned: a caller that decodes every step
+reuses one buffer and skips the page faults of a fresh 4 d-byte allocation (~10 ms for d = 10M
+on the 2-core machine).  When decoding raises :class:`CodecError`, the contents of ``out`` are
+unspecified (it may be partly written).
 """
 from __future__ import annotations
 
@@ -61,7 +68,7 @@ class Codec:
     def encode(self, x, rng=None) -> Payload:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def decode(self, data) -> Any:  # pragma: no cover - interface
+    def decode(self, data, out=None) -> Any:  # pragma: no cover - interface
         raise NotImplementedError
 
     def roundtrip(self, x, rng=None):
@@ -77,6 +84,23 @@ class Codec:
         if not bool(xp.isfinite(x).all()):
             raise CodecError(f"{self.name}: cannot encode a vector holding NaN or Inf")
         return x.astype(xp.float32, copy=False)
+
+    def _out(self, out, zero: bool = False):
+        """The output vector: ``out`` validated (ValueError naming it otherwise), or a fresh
+        float32 vector of length d (zero-filled when ``zero``)."""
+        xp = self.xp
+        if out is None:
+            return xp.zeros(self.d, dtype=xp.float32) if zero else xp.empty(self.d, dtype=xp.float32)
+        if not isinstance(out, xp.ndarray):
+            raise ValueError(f"{self.name}: out must be a {xp.__name__} array, got {type(out).__name__}")
+        if out.dtype != xp.float32 or out.ndim != 1 or out.shape[0] != self.d:
+            raise ValueError(f"{self.name}: out must be a float32 vector of length d={self.d}, "
+                             f"got {out.dtype} with shape {tuple(out.shape)}")
+        if not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError(f"{self.name}: out must be C-contiguous and writable")
+        if zero:
+            out.fill(0)
+        return out
 
     def _as_bytes(self, data):
         xp = self.xp

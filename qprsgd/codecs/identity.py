@@ -19,11 +19,12 @@ class Identity(Codec):
         data = xp.ascontiguousarray(x).view(xp.uint8).copy()
         return Payload(data, 32 * self.d)
 
-    def decode(self, data):
+    def decode(self, data, out=None):
         data = self._as_bytes(data)
         if data.shape[0] != 4 * self.d:
             raise CodecError(f"identity: payload has {data.shape[0]} bytes, expected 4*d = {4 * self.d}")
-        out = data.view(self.xp.float32).copy()
+        out = self._out(out)
+        out.view(self.xp.uint8)[:] = data
         if not bool(self.xp.isfinite(out).all()):
             raise CodecError("identity: payload holds NaN or Inf")
         return out

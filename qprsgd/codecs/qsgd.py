@@ -118,7 +118,14 @@ class _QSGDBase(Codec):
         self.nmax = (self.s + 1).bit_length() - 1  # floor(log2(s + 1))
         # "numba": compiled sequential kernels (numpy arrays only); "numpy": the vectorized path
         self.backend = "numba" if (_nk.enabled() and xp is np) else "numpy"
+        # numba path: threads for qsgd encode/decode (QPRSGD_CODEC_THREADS, default 2); vectors
+        # shorter than par_min_d stay on one thread.  The result does not depend on either.
+        self.threads = _nk.threads()
+        self.par_min_d = 1 << 17
         self._scratch = {}
+
+    def _nt(self):
+        return self.threads if (self.threads > 1 and self.d >= self.par_min_d) else 1
 
     def __repr__(self):
         return f"{type(self).__name__}(d={self.d}, s={self.s})"
@@ -169,11 +176,81 @@ class _QSGDBase(Codec):
     def _nb_quantize_pack(self, x, rng, words, runlength):
         x, norm, mode, c, u, state, bg = self._nb_prepare(x, rng)
         norm_be = int.from_bytes(np.float32(norm).astype("<f4").tobytes(), "big")
+        nt = self._nt()
+        if not runlength and bg is not None and nt > 1:
+            return norm_be, self._nb_encode_par(x, mode, c, state, bg, norm_be, words, nt), 0
         nbits, k = _nk.qsgd_quantize_pack(x, u, state, bg is not None, mode, c,
                                           np.float32(self.s), norm_be, words, runlength)
         if bg is not None:
             _nk.pcg64_store(bg, state)
         return norm_be, int(nbits), int(k)
+
+    def _nb_encode_par(self, x, mode, c, state, bg, norm_be, words, nt):
+        """qsgd_quantize_pack's stream on nt threads (element segments, jumped-ahead PCG64)."""
+        d, ch = self.d, _nk.CHUNK
+        bounds = np.array([((d * t // nt) // ch) * ch for t in range(nt)] + [d], dtype=np.int64)
+        states = _nk.pcg64_segment_states(state, bounds[:-1])
+        per = (np.diff(bounds) * (2 + 2 * self.nmax)) // 64 + 2
+        per[0] = 0
+        soff = np.concatenate([[0], np.cumsum(per)]).astype(np.int64)
+        scratch = self._buf("ws", int(soff[-1]) + 1, np.uint64)
+        segbits = np.zeros(nt, dtype=np.int64)
+        wstate = np.zeros((nt, 3), dtype=np.uint64)
+        _nk.qsgd_encode_par(x, bounds, states, mode, c, np.float32(self.s), norm_be, words,
+                            scratch, soff, segbits, wstate)
+        nbits = _nk.qsgd_append(words, scratch, soff, segbits, wstate)
+        _nk.pcg64_store(bg, states[-1])
+        return int(nbits)
+
+    def _nb_decode_par(self, words, end, tab, nsc, out, nt):
+        """The parallel decoder (see _numba_kernels): (err, info, end_bit, level_bad) exactly as
+        the serial ``qsgd_decode``."""
+        d, K, R = self.d, _nk.SPEC_K, _nk.SPEC_R
+        bounds = np.array([32 + ((end - 32) * t) // nt for t in range(nt)] + [end], dtype=np.int64)
+        cap = np.minimum(d, np.diff(bounds) // 2 + 2)
+        cap[0] = 0
+        toff = np.concatenate([[0], np.cumsum(cap)]).astype(np.int64)
+        tmp = self._buf("dtmp", int(toff[-1]) + 1, np.float32)
+        res = np.zeros((nt, 4), dtype=np.int64)
+        starts = np.zeros((nt, K), dtype=np.int64)
+        ring = np.zeros((nt, R), dtype=np.int64)
+        sd = float(self.s)
+        _nk.qsgd_decode_par(words, end, d, self.nmax, self.s, tab, nsc, sd, out, tmp, bounds,
+                            toff, res, starts, ring)
+
+        def serial(pos, i, zbad):
+            err, info, e, zb = _nk.qsgd_decode_from(words, pos, i, end, d, self.nmax, self.s,
+                                                    tab, nsc, sd, out)
+            return err, info, e, bool(zb) or zbad
+
+        n0, p, st0, zl0 = (int(v) for v in res[0])
+        if st0 != 0:
+            return serial(32, 0, False)
+        zbad = zl0 >= 0
+        i = n0
+        if i == d:
+            return _nk.ERR_OK, 0, p, zbad
+        for t in range(1, nt):
+            n, pe, stt, zl = (int(v) for v in res[t])
+            k = min(n, K)
+            j = int(np.searchsorted(starts[t, :k], p))
+            if j >= k or int(starts[t, j]) != p or zl >= j:
+                return serial(p, i, zbad)
+            c = n - j
+            src = tmp[toff[t] + j:toff[t] + n]
+            if t < nt - 1:
+                if stt != 0 or pe < bounds[t + 1] or i + c > d:
+                    return serial(p, i, zbad)
+                _nk.pcopy(src, out[i:i + c], nt)
+                i += c
+                p = pe
+                continue
+            need = d - i
+            if c < need or c - need >= R:
+                return serial(p, i, zbad)
+            _nk.pcopy(src[:need], out[i:], nt)
+            return _nk.ERR_OK, 0, int(ring[t, (j + need - 1) % R]), zbad
+        return serial(p, i, zbad)  # pragma: no cover - the loop returns
 
     def _table(self, norm, scale):
         """Decoded magnitudes float32(float64(norm) * scale * zeta / s) for small zeta."""
@@ -242,6 +319,14 @@ class _QSGDBase(Codec):
         out /= self.s
         out = out.astype(xp.float32)
         out[neg] *= -1
+        return out
+
+    def _into(self, v, out):
+        """The numpy path's decoded vector ``v``, copied into ``out`` when one is given."""
+        if out is None:
+            return v
+        out = self._out(out)
+        out[...] = v
         return out
 
     def _header(self, data):
@@ -330,13 +415,13 @@ class QSGD(_QSGDBase):
             raise CodecError(f"{self.name}: level > s={self.s}")
         return norm, zeta, neg
 
-    def decode(self, data):
+    def decode(self, data, out=None):
         if self.backend == "numba":
-            return self._nb_decode(data)
+            return self._nb_decode(data, out)
         norm, zeta, neg = self.decode_levels(data)
-        return self.values(norm, zeta, neg, self.scale)
+        return self._into(self.values(norm, zeta, neg, self.scale), out)
 
-    def _nb_decode(self, data):
+    def _nb_decode(self, data, out=None):
         data, norm = self._header(data)
         nbytes = int(data.shape[0])
         span = 8 * nbytes - 32
@@ -345,9 +430,13 @@ class QSGD(_QSGDBase):
                              f"{self.d} records)")
         words = self._nb_words(data)
         tab, nsc = self._table(norm, self.scale)
-        out = np.empty(self.d, dtype=np.float32)
-        err, info, end, zbad = _nk.qsgd_decode(words, 8 * nbytes, self.d, self.nmax, self.s,
-                                               tab, nsc, float(self.s), out)
+        out = self._out(out)
+        nt = self._nt()
+        if nt > 1:
+            err, info, end, zbad = self._nb_decode_par(words, 8 * nbytes, tab, nsc, out, nt)
+        else:
+            err, info, end, zbad = _nk.qsgd_decode(words, 8 * nbytes, self.d, self.nmax, self.s,
+                                                   tab, nsc, float(self.s), out)
         self._nb_raise(err, info, self.d)
         self._finish_bytes(data, int(end))
         if zbad:
@@ -469,13 +558,13 @@ class QSGDRunLength(_QSGDBase):
             neg[idx] = sg
         return norm, zeta, neg
 
-    def decode(self, data):
+    def decode(self, data, out=None):
         if self.backend == "numba":
-            return self._nb_decode(data)
+            return self._nb_decode(data, out)
         norm, zeta, neg = self.decode_levels(data)
-        return self.values(norm, zeta, neg)
+        return self._into(self.values(norm, zeta, neg), out)
 
-    def _nb_decode(self, data):
+    def _nb_decode(self, data, out=None):
         data, norm = self._header(data)
         nbytes = int(data.shape[0])
         end_avail = 8 * nbytes
@@ -495,7 +584,7 @@ class QSGDRunLength(_QSGDBase):
                              f"hold {k} records)")
         words = self._nb_words(data)
         tab, nsc = self._table(norm, 1.0)
-        out = np.zeros(self.d, dtype=np.float32)
+        out = self._out(out, zero=True)
         err, info, end, zbad, ibad = _nk.runlength_decode(
             words, start, end_avail, k, self.d, self.d.bit_length(), self.nmax, self.s, tab, nsc,
             float(self.s), out)

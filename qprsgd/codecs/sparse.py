@@ -53,7 +53,7 @@ class _Sparse(Codec):
         data[h + 4 * k:] = vals.astype("<f4").view(xp.uint8)
         return data
 
-    def _unpack(self, data, k, h):
+    def _unpack(self, data, k, h, out=None):
         xp = self.xp
         idx = data[h:h + 4 * k].copy().view("<u4").astype(xp.int64)
         vals = data[h + 4 * k:h + 8 * k].copy().view("<f4").astype(xp.float32)
@@ -64,7 +64,7 @@ class _Sparse(Codec):
                 raise CodecError(f"{self.name}: indices not strictly increasing")
             if not bool(xp.isfinite(vals).all()):
                 raise CodecError(f"{self.name}: non-finite value (NaN/Inf)")
-        out = xp.zeros(self.d, dtype=xp.float32)
+        out = self._out(out, zero=True)
         out[idx] = vals
         return out
 
@@ -81,13 +81,13 @@ class _FixedK(_Sparse):
     def __repr__(self):
         return f"{type(self).__name__}(d={self.d}, k={self.k})"
 
-    def decode(self, data):
+    def decode(self, data, out=None):
         data = self._as_bytes(data)
         n, want = int(data.shape[0]), 8 * self.k
         if n != want:
             raise CodecError(f"{self.name}: payload {'truncated' if n < want else 'extended'} "
                              f"({n} bytes, expected {want})")
-        return self._unpack(data, self.k, 0)
+        return self._unpack(data, self.k, 0, out)
 
 
 @CODECS.register("topk", params=KParams)
@@ -169,7 +169,7 @@ class BernoulliP(_Sparse):
         k = int(idx.shape[0])
         return Payload(self._pack(idx, vals, header=k), 32 + 64 * k)
 
-    def decode(self, data):
+    def decode(self, data, out=None):
         data = self._as_bytes(data)
         n = int(data.shape[0])
         if n < 4:
@@ -180,4 +180,4 @@ class BernoulliP(_Sparse):
         if n != 4 + 8 * k:
             raise CodecError(f"{self.name}: payload {'truncated' if n < 4 + 8 * k else 'extended'} "
                              f"({n} bytes, count {k} needs {4 + 8 * k})")
-        return self._unpack(data, k, 4)
+        return self._unpack(data, k, 4, out)

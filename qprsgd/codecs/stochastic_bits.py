@@ -111,11 +111,13 @@ class StochasticBits(Codec):
             raise CodecError(f"{self.name}: non-zero level with min == max")
         return m, M, zeta
 
-    def decode(self, data):
+    def decode(self, data, out=None):
         xp = self.xp
         m, M, zeta = self.decode_levels(data)
+        out = self._out(out)
         step = (np.float64(M) - np.float64(m)) / self.levels
-        out = zeta.astype(xp.float64)
-        out *= step
-        out += np.float64(m)
-        return out.astype(xp.float32)
+        v = zeta.astype(xp.float64)
+        v *= step
+        v += np.float64(m)
+        out[:] = v  # float64 -> float32, rounded as astype
+        return out
