@@ -137,7 +137,7 @@ def members(n: int, steps: int) -> dict:
 STEPS = 9
 
 
-@pytest.mark.parametrize("n", [pytest.param(2, marks=pytest.mark.slow), 4, pytest.param(8, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("n", [2, 4, 8])
 def test_members_equal_matrix_reference(n, tmp_path):
     mem = members(n, STEPS)
     cfgs = {k: v[0] for k, v in mem.items()}
@@ -313,11 +313,9 @@ RESUME = {
         {"name": "generalized_elastic", "base": "matrix", "alpha": "best",
          "base_params": {"W": [[0.5, 0.25, 0.25], [0.25, 0.5, 0.25], [0.25, 0.25, 0.5]]}})),
 }
-FAST_RESUME = ("easgd_nb_ded", "hierarchical")
 
 
-@pytest.mark.parametrize("name", [pytest.param(k, marks=() if k in FAST_RESUME else pytest.mark.slow)
-                                  for k in RESUME])
+@pytest.mark.parametrize("name", list(RESUME))
 def test_sigkill_resume_bit_identical(name, tmp_path):
     from resume_util import check_kill_resume
     n, raw = RESUME[name]

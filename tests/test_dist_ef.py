@@ -9,8 +9,8 @@ blockSGDM/SGDM through a parameter server, signSGD and signum with majority vote
 * In-process invariants (a threaded fake comm stands in for MPI): error feedback on workers
   and server, the virtual sequence of Lemmas 1/3/4 across a learning-rate drop and rise, the
   majority vote, checkpoint → load_state_dict → continue equality.
-* SIGKILL resume (real mpiexec): dist_ef_blocksgdm with a dedicated server; the other
-  algorithms under ``-m slow``.
+* SIGKILL resume (real mpiexec): every algorithm (dist_ef_blocksgdm with a dedicated server),
+  in the default run.
 """
 from __future__ import annotations
 
@@ -648,8 +648,7 @@ RESUME = {
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("name", [pytest.param(k, marks=[] if k == "dist_ef_blocksgdm" else [pytest.mark.slow])
-                                  for k in sorted(RESUME)])
+@pytest.mark.parametrize("name", sorted(RESUME))
 def test_sigkill_resume_bit_identical(name, tmp_path):
     from resume_util import check_kill_resume
     _skip_missing_codecs()

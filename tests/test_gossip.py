@@ -283,7 +283,7 @@ def ref_dcd(o):
 
 
 def ref_ecd(o):
-    """X_{t+1} = X̃_t W − γG(X_t);  Z = (1 − k/2)X_t + (k/2)X_{t+1};  X̃ ← (1 − 2/k)X̃ + (2/k)C(Z), k = t+1."""
+    """X_{t+1} = X̃_t W − γG(X_t);  Z = (1 − k/2)X_t + (k/2)X_{t+1};  X̃ ← (1 − 2/k)X̃ + (2/k)C(Z), k = t+2 (0-based t; the paper's t+1)."""
     W, X, C = o.topology.W, o.X0(), o.codec()
     Xt = X.copy()
     for t in range(o.total_steps):

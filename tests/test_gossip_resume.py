@@ -33,12 +33,8 @@ ALGS = {
     "ecd_psgd": cfg({"name": "ecd_psgd"}, SB8),
     "dqpr_sgd": cfg({"name": "dqpr_sgd", "K": 3}, SB8),
 }
-# the two with the most state (replicas, estimates) run by default; the rest with -m slow
-DEFAULT = ("dcd_psgd", "ecd_psgd")
-
-
-@pytest.mark.parametrize("name", [n if n in DEFAULT else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in sorted(ALGS)])
+# every gossip algorithm, in the default run (issue 5: bit-exact resume for every algorithm)
+@pytest.mark.parametrize("name", sorted(ALGS))
 def test_gossip_sigkill_resume_bit_identical(name, tmp_path):
     (tmp_path / "ref").mkdir()
     ref = run_many(N, {name: ALGS[name]}, tmp_path / "ref", timeout=300)[name]

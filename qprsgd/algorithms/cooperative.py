@@ -20,7 +20,7 @@ Registry entries (one engine, thin entries; each checks its topology at build ti
   cooperative          A(τ, W, v), any W      aux node M+k on worker k mod M; with a grouped topology
                                               (``hierarchical``) a_g on group g's first worker
   pasgd                A(τ, J, 0), eq. (3)    topology ``allreduce`` (all-reduce transport) or ``complete``
-  d_pasgd              A(τ, W, 0), §6.1       any worker topology (v = 0); τ = 1 is D-PSGD, eq. (6)
+  d_pasgd              A(τ, W, 0), §6.1       any worker topology (v = 0); τ = 1 is D-PSGD (eq. (6) with mix_then_step)
   easgd                A(τ, W_α, 1), (11)     topology ``elastic``; z on ``env.server`` (run.server)
   generalized_elastic  A(τ, W′, 1), (23)      topology ``generalized_elastic``; z on ``env.server``
   hierarchical         A(τ, W_h, q), §6.3     topology ``hierarchical``; a_g on group g's first worker
@@ -434,7 +434,7 @@ class PASGD(Cooperative):
 
 @ALGORITHMS.register("d_pasgd", params=NoAuxParams)
 class DPASGD(Cooperative):
-    """Decentralized periodic averaging A(τ, W, 0) (cooperative-sgd §6.1); τ = 1 is D-PSGD (eq. (6))."""
+    """Decentralized periodic averaging A(τ, W, 0) (cooperative-sgd §6.1); τ = 1 is D-PSGD (eq. (6) under mix_then_step; rule (10) under the default)."""
 
     name = "d_pasgd"
     require_no_aux = True

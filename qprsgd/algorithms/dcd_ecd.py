@@ -11,13 +11,15 @@ Conventions shared by every class here (docs/algorithms-gossip.md):
 
 * Steps t are 0-based in the runner; the paper's t is ``t + 1``.
 * Mixing Σ_j W_ij v_j runs over j ∈ {i} ∪ neighbours(i) in ascending j, accumulated in float64
-  and rounded once to float32.  The single rounding makes the result independent of the
-  summation order, so a single-process reference written as ``(W @ X).astype(float32)`` gives
-  the same float32 vector -- which matters because a stochastic codec turns a 1-ulp difference
-  in its input into a whole quantization level now and then.
+  and rounded once to float32.  The single rounding makes the result all but independent of
+  the summation order (float64 sums in another order can, very rarely, round to a float32 one
+  ulp away), so a single-process reference written as ``(W @ X).astype(float32)`` gives the same
+  float32 vector in practice -- which matters because a stochastic codec turns a 1-ulp
+  difference in its input into a whole quantization level now and then.  Tests compare at 1e-6.
 * Weight decay λx is folded into the local gradient (``Algorithm._wd``).
 * Codec draws come from ``env.rng`` only (one ``encode`` per step).
-* A worker never uses its own replica of itself: its own value is exact (x̂_i = x_i).
+* DCD-PSGD and D-Q-PR-SGD never use a replica of themselves: their own value is exact
+  (x̂_i = x_i).  ECD-PSGD does mix its own *estimate* x̃_i (L172), as every holder does.
 """
 from __future__ import annotations
 
