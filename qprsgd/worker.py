@@ -204,10 +204,12 @@ class Loop:
         nch = len(CHANNELS)
         ch_bytes = sums[7:7 + nch].astype(np.int64)
         ch_msgs = sums[7 + nch:].astype(np.int64)
+        t_comm = self._comm_seconds() - self.row_comm0
+        # one MAX reduction gives the maxima and, through negation, the minimum of comm time
         maxes = e.comm.allreduce_scalars(
             [self.row_compute, (e.codec.seconds if e.codec else 0.0) - self.row_codec0,
-             self._comm_seconds() - self.row_comm0, self.row_step], op="max")
-        comm_min = e.comm.allreduce_scalars([self._comm_seconds() - self.row_comm0], op="min")[0]
+             t_comm, self.row_step, -t_comm], op="max")
+        comm_min = -maxes[4]
         per_rank = e.comm.gather_rows([msgs, tot])
         if self.logger is not None:
             self.logger.record("metrics", {
