@@ -11,6 +11,12 @@ slower than B* compressing saves wall time.
     .venv/bin/python scripts/bench_codecs.py [--d 10000000] [--repeat 5] [--codecs qsgd,sign]
                                              [--xp numpy|cupy] [--backend default|numpy|both]
 
+Decode is measured into a reused output buffer (``codec.decode(data, out=buf)``, steady state:
+no fresh 4 d-byte allocation and its page faults per call); ``--fresh`` also times the default
+``decode(data)`` that returns a fresh array (column ``t_dec fresh``).  ``--threads 1,2`` runs
+the numba codecs (qsgd, qsgd_scaled, block_sign, sign) once per thread count (default: the
+codec's own, QPRSGD_CODEC_THREADS or 2).
+
 The ``backend`` column says which kernels ran: ``numba`` (compiled, the default for numpy arrays
 when numba imports) or ``numpy`` (vectorized; QPRSGD_NO_NUMBA=1, cupy, or ``--backend numpy``).
 ``--backend both`` runs every codec that has a numba path twice.  Run it pinned and repeated on a
@@ -71,7 +77,12 @@ def main(argv=None):
     ap.add_argument("--no-resnet", action="store_true", help="skip the ResNet-18-sized vector")
     ap.add_argument("--backend", default="default", choices=["default", "numpy", "both"],
                     help="numpy: force the vectorized kernels; both: numba and numpy rows")
+    ap.add_argument("--threads", default=None,
+                    help="comma-separated codec thread counts for the numba codecs (default: 2)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="also time decode into a fresh array (the default decode)")
     a = ap.parse_args(argv)
+    tlist = [int(t) for t in a.threads.split(",")] if a.threads else [None]
     if a.xp == "cupy":
         import cupy as xp
 
@@ -89,9 +100,9 @@ def main(argv=None):
         t_cp, _ = best(lambda: xp.copyto(y, x), a.repeat, sync)
         mc = 4 * d / t_cp / 1e9
         print(f"\n## {label}: d = {d:,}  ({a.xp}; numpy memcpy {mc:.2f} GB/s, best of {a.repeat})")
-        print("| codec | params | backend | bits/elem | enc GB/s | dec GB/s | enc/memcpy | dec/memcpy |"
-              " t_enc ms | t_dec ms | B* Gb/s |")
-        print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("| codec | params | backend | threads | bits/elem | enc GB/s | dec GB/s | enc/memcpy |"
+              " dec/memcpy | t_enc ms | t_dec ms | B* Gb/s |" + (" t_dec fresh ms |" if a.fresh else ""))
+        print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if a.fresh else ""))
         runs = []
         for name, params in CONFIGS:
             if wanted and name not in wanted:
@@ -103,7 +114,12 @@ def main(argv=None):
                 codec = e.factory(d, None, xp=xp, block_size=1 << 18)
             has_nb = getattr(codec, "backend", "numpy") == "numba"
             if a.backend in ("default", "both") or not has_nb:
-                runs.append((name, params, codec))
+                for nt in (tlist if has_nb and hasattr(codec, "threads") else [None]):
+                    c1 = codec
+                    if nt is not None:
+                        c1 = e.factory(d, codec.blocks if name == "block_sign" else None, xp=xp, **p)
+                        c1.threads = nt
+                    runs.append((name, params, c1))
             if has_nb and a.backend in ("numpy", "both"):
                 c2 = e.factory(d, codec.blocks if name == "block_sign" else None, xp=xp, **p)
                 c2.backend = "numpy"
@@ -111,7 +127,9 @@ def main(argv=None):
         for name, params, codec in runs:
             rng = np.random.default_rng(1)
             te, pay = best(lambda: codec.encode(x, rng), a.repeat, sync)
-            td, _ = best(lambda: codec.decode(pay), a.repeat, sync)
+            buf = xp.empty(d, dtype=xp.float32)
+            td, _ = best(lambda: codec.decode(pay, out=buf), a.repeat, sync)
+            tdf = best(lambda: codec.decode(pay), a.repeat, sync)[0] if a.fresh else None
             gbe, gbd = 4 * d / te / 1e9, 4 * d / td / 1e9
             bstar = (32 * d - pay.nbits) / (te + td) / 1e9
             desc = ",".join(f"{k}={v}" for k, v in params.items())
@@ -120,12 +138,14 @@ def main(argv=None):
             if name.startswith("qsgd"):
                 desc = f"s={codec.s}"
             backend = getattr(codec, "backend", "numpy")
-            print(f"| {name} | {desc} | {backend} | {pay.nbits / d:.3f} | {gbe:.2f} | {gbd:.2f} | {gbe / mc:.2f} |"
-                  f" {gbd / mc:.2f} | {te * 1e3:.1f} | {td * 1e3:.1f} | {bstar:.2f} |")
+            nt = codec._nt() if backend == "numba" and hasattr(codec, "_nt") else 1
+            print(f"| {name} | {desc} | {backend} | {nt} | {pay.nbits / d:.3f} | {gbe:.2f} | {gbd:.2f} |"
+                  f" {gbe / mc:.2f} | {gbd / mc:.2f} | {te * 1e3:.1f} | {td * 1e3:.1f} | {bstar:.2f} |"
+                  + (f" {tdf * 1e3:.1f} |" if a.fresh else ""))
             if name in ("qsgd", "qsgd_runlength"):
                 print(f"|  | wire size at s={codec.s}: {pay.nbytes / 2**20:.2f} MiB = "
                       f"{100 * pay.nbits / (32 * d):.1f}% of fp32 ({32 * d / 8 / 2**20:.2f} MiB) |"
-                      " | | | | | | | | |")
+                      " | | | | | | | | | |" + (" |" if a.fresh else ""))
 
 
 if __name__ == "__main__":

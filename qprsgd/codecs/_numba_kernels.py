@@ -36,6 +36,7 @@ try:
     import numba
     from llvmlite import ir
     from numba import types
+    from numba.core import cgutils
     from numba.extending import intrinsic
     HAVE_NUMBA = True
 except Exception:  # pragma: no cover - numba is an install requirement; numpy is the fallback
@@ -124,6 +125,85 @@ if HAVE_NUMBA:
             i128 = ir.IntType(128)
             p = builder.mul(builder.zext(args[0], i128), builder.zext(args[1], i128))
             return builder.trunc(builder.lshr(p, ir.Constant(i128, 64)), ir.IntType(64))
+
+        return sig, codegen
+
+    def _make_lanes8(square):
+        @intrinsic
+        def lanes8(typingctx, x, start, nrows, acc):
+            """acc[j] += f(float64(x[start + 8 r + j])) for r = 0..nrows-1, lane j in order of r
+            (f = |.| or the square): one <8 x double> accumulator, i.e. exactly the IEEE
+            operations, in the same order per lane, of 8 scalar accumulators (no reassociation,
+            no fused multiply-add) -- numba does not vectorize the scalar form (SLP is off).
+            x: contiguous float32; acc: 8 contiguous float64."""
+            sig = types.void(x, types.int64, types.int64, acc)
+
+            def codegen(context, builder, signature, args):
+                xa = context.make_array(signature.args[0])(context, builder, args[0])
+                aa = context.make_array(signature.args[3])(context, builder, args[3])
+                v8f = ir.VectorType(ir.FloatType(), 8)
+                v8i = ir.VectorType(ir.IntType(32), 8)
+                v8d = ir.VectorType(ir.DoubleType(), 8)
+                basev = builder.bitcast(builder.gep(xa.data, [args[1]]), v8f.as_pointer())
+                accp = builder.bitcast(aa.data, v8d.as_pointer())
+                slot = cgutils.alloca_once(builder, v8d)
+                builder.store(builder.load(accp, align=8), slot)
+                mask = ir.Constant(v8i, [0x7FFFFFFF] * 8)
+                with cgutils.for_range(builder, args[2]) as loop:
+                    v = builder.load(builder.gep(basev, [loop.index]), align=4)
+                    if square:
+                        w = builder.fpext(v, v8d)
+                        w = builder.fmul(w, w)
+                    else:
+                        a = builder.bitcast(builder.and_(builder.bitcast(v, v8i), mask), v8f)
+                        w = builder.fpext(a, v8d)
+                    builder.store(builder.fadd(builder.load(slot), w), slot)
+                builder.store(builder.load(slot), accp, align=8)
+                return context.get_dummy_value()
+
+            return sig, codegen
+        return lanes8
+
+    _lanes8_abs = _make_lanes8(False)
+    _lanes8_sq = _make_lanes8(True)
+
+    @intrinsic
+    def _signbyte(typingctx, x, i):
+        """MSB-first byte of the bits (x[i + t] < 0), t = 0..7 (x contiguous float32)."""
+        sig = types.uint8(x, types.int64)
+
+        def codegen(context, builder, signature, args):
+            xa = context.make_array(signature.args[0])(context, builder, args[0])
+            v8f = ir.VectorType(ir.FloatType(), 8)
+            p = builder.bitcast(builder.gep(xa.data, [args[1]]), v8f.as_pointer())
+            v = builder.load(p, align=4)
+            m = builder.fcmp_ordered("<", v, ir.Constant(v8f, [0.0] * 8))
+            b = builder.bitcast(m, ir.IntType(8))          # bit t = lane t
+            rev = builder.module.declare_intrinsic("llvm.bitreverse", [ir.IntType(8)])
+            return builder.call(rev, [b])                   # lane 0 -> MSB
+
+        return sig, codegen
+
+    @intrinsic
+    def _expand8(typingctx, out, i, byte, sc):
+        """out[i + t] = sc | (bit t of ``byte``, MSB first) << 31 for t = 0..7 (out contiguous
+        uint32)."""
+        sig = types.void(out, types.int64, types.uint8, types.uint32)
+
+        def codegen(context, builder, signature, args):
+            oa = context.make_array(signature.args[0])(context, builder, args[0])
+            v8i = ir.VectorType(ir.IntType(32), 8)
+            i1x8 = ir.VectorType(ir.IntType(1), 8)
+            rev = builder.module.declare_intrinsic("llvm.bitreverse", [ir.IntType(8)])
+            bits = builder.bitcast(builder.call(rev, [args[2]]), i1x8)   # lane t = bit 7 - t
+            w = builder.shl(builder.zext(bits, v8i), ir.Constant(v8i, [31] * 8))
+            scv = builder.insert_element(ir.Constant(v8i, ir.Undefined), args[3],
+                                         ir.Constant(ir.IntType(32), 0))
+            scv = builder.shuffle_vector(scv, ir.Constant(v8i, ir.Undefined),
+                                         ir.Constant(v8i, [0] * 8))
+            p = builder.bitcast(builder.gep(oa.data, [args[1]]), v8i.as_pointer())
+            builder.store(builder.or_(w, scv), p, align=4)
+            return context.get_dummy_value()
 
         return sig, codegen
 
@@ -428,30 +508,11 @@ if HAVE_NUMBA:
     @njit
     def sumsq8(x, acc):
         """acc[j] += float64(x[i])**2 for i = j mod 8, sequentially in i (8 accumulators); the
-        numpy path computes the same sums with add.accumulate along axis 0 (see qsgd.norm_acc)."""
+        numpy path computes the same sums with add.accumulate along axis 0 (see qsgd.norm_acc).
+        x contiguous."""
         d = x.shape[0]
-        a0, a1, a2, a3 = acc[0], acc[1], acc[2], acc[3]
-        a4, a5, a6, a7 = acc[4], acc[5], acc[6], acc[7]
         n8 = d - d % 8
-        for i in range(0, n8, 8):
-            v0 = np.float64(x[i])
-            v1 = np.float64(x[i + 1])
-            v2 = np.float64(x[i + 2])
-            v3 = np.float64(x[i + 3])
-            v4 = np.float64(x[i + 4])
-            v5 = np.float64(x[i + 5])
-            v6 = np.float64(x[i + 6])
-            v7 = np.float64(x[i + 7])
-            a0 += v0 * v0
-            a1 += v1 * v1
-            a2 += v2 * v2
-            a3 += v3 * v3
-            a4 += v4 * v4
-            a5 += v5 * v5
-            a6 += v6 * v6
-            a7 += v7 * v7
-        acc[0], acc[1], acc[2], acc[3] = a0, a1, a2, a3
-        acc[4], acc[5], acc[6], acc[7] = a4, a5, a6, a7
+        _lanes8_sq(x, 0, n8 // 8, acc)
         for i in range(n8, d):
             v = np.float64(x[i])
             acc[i - n8] += v * v
@@ -460,20 +521,8 @@ if HAVE_NUMBA:
     def abssum8(x, acc):
         """acc[j] += |float64(x[i])| for i = j mod 8, sequentially in i (as sumsq8, with |.|)."""
         d = x.shape[0]
-        a0, a1, a2, a3 = acc[0], acc[1], acc[2], acc[3]
-        a4, a5, a6, a7 = acc[4], acc[5], acc[6], acc[7]
         n8 = d - d % 8
-        for i in range(0, n8, 8):
-            a0 += abs(np.float64(x[i]))
-            a1 += abs(np.float64(x[i + 1]))
-            a2 += abs(np.float64(x[i + 2]))
-            a3 += abs(np.float64(x[i + 3]))
-            a4 += abs(np.float64(x[i + 4]))
-            a5 += abs(np.float64(x[i + 5]))
-            a6 += abs(np.float64(x[i + 6]))
-            a7 += abs(np.float64(x[i + 7]))
-        acc[0], acc[1], acc[2], acc[3] = a0, a1, a2, a3
-        acc[4], acc[5], acc[6], acc[7] = a4, a5, a6, a7
+        _lanes8_abs(x, 0, n8 // 8, acc)
         for i in range(n8, d):
             acc[i - n8] += abs(np.float64(x[i]))
 
@@ -612,20 +661,8 @@ if HAVE_NUMBA:
         while i < q and (ph + i - p) % 8 != 0:
             acc[(ph + i - p) % 8] += abs(np.float64(x[i]))
             i += 1
-        a0, a1, a2, a3 = acc[0], acc[1], acc[2], acc[3]
-        a4, a5, a6, a7 = acc[4], acc[5], acc[6], acc[7]
         n8 = i + ((q - i) // 8) * 8
-        for k in range(i, n8, 8):
-            a0 += abs(np.float64(x[k]))
-            a1 += abs(np.float64(x[k + 1]))
-            a2 += abs(np.float64(x[k + 2]))
-            a3 += abs(np.float64(x[k + 3]))
-            a4 += abs(np.float64(x[k + 4]))
-            a5 += abs(np.float64(x[k + 5]))
-            a6 += abs(np.float64(x[k + 6]))
-            a7 += abs(np.float64(x[k + 7]))
-        acc[0], acc[1], acc[2], acc[3] = a0, a1, a2, a3
-        acc[4], acc[5], acc[6], acc[7] = a4, a5, a6, a7
+        _lanes8_abs(x, i, (q - i) // 8, acc)
         for k in range(n8, q):
             acc[k - n8] += abs(np.float64(x[k]))
 
@@ -633,11 +670,7 @@ if HAVE_NUMBA:
     def _pack_bytes(x, j0, j1, out):
         """out[j] = MSB-first bits (x[8j + t] < 0) for the full bytes j0..j1-1."""
         for j in range(j0, j1):
-            base = 8 * j
-            b = 0
-            for t in range(8):
-                b = (b << 1) | (1 if x[base + t] < np.float32(0) else 0)
-            out[j] = b
+            out[j] = _signbyte(x, 8 * j)
 
     SIGN_CHUNK = 1 << 14   # elements per L2-resident piece: L1 sum, then sign bits, same pass
 
@@ -729,10 +762,7 @@ if HAVE_NUMBA:
                     out_u32[i] = sc | (bit << np.uint32(31))
                     i += 1
                 for j in range(i >> 3, e >> 3):
-                    v = np.uint32(bits[j])
-                    base = 8 * j
-                    for k in range(8):
-                        out_u32[base + k] = sc | (((v >> np.uint32(7 - k)) & np.uint32(1)) << np.uint32(31))
+                    _expand8(out_u32, 8 * j, bits[j], sc)
                 i = max(i, (e >> 3) << 3)
                 while i < e:
                     bit = (np.uint32(bits[i >> 3]) >> np.uint32(7 - (i & 7))) & np.uint32(1)

@@ -46,7 +46,8 @@ def norm_acc(x, use_numba: Optional[bool] = None, absolute: bool = False) -> flo
     if use_numba is None:
         use_numba = _nk.enabled()
     acc = np.zeros(8, dtype=np.float64)
-    if use_numba:
+    if use_numba:  # the kernels read x as contiguous memory
+        x = np.ascontiguousarray(x)
         (_nk.abssum8 if absolute else _nk.sumsq8)(x, acc)
     else:
         step = 1 << 16
