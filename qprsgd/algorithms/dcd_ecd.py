@@ -90,6 +90,24 @@ class GossipAlgorithm(Algorithm):
     def _neighbor_table(self) -> np.ndarray:
         return np.asarray(self.neighbors, dtype=np.int64)
 
+    # arrays a subclass keeps between steps (replicas, estimates): checkpointed by name
+    _state_arrays: tuple = ()
+
+    def state_dict(self):
+        s = super().state_dict()
+        for name in self._state_arrays:
+            s[name] = getattr(self, name)
+        s["neighbors"] = self._neighbor_table()
+        return s
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        if not np.array_equal(np.asarray(state["neighbors"]), self._neighbor_table()):
+            raise ValueError(f"checkpoint was written with neighbours {list(state['neighbors'])}, "
+                             f"this topology gives {self.neighbors}")
+        for name in self._state_arrays:
+            self._load_array(getattr(self, name), state[name])
+
 
 # --------------------------------------------------------------------------------------------
 # D-PSGD
@@ -204,6 +222,7 @@ class DCDPSGD(GossipAlgorithm):
     """
 
     name = "dcd_psgd"
+    _state_arrays = ("replicas",)
     uses_codec = True
     default_codec = "stochastic_bits"
     needs_unbiased_codec = True
@@ -234,19 +253,6 @@ class DCDPSGD(GossipAlgorithm):
             self.replicas[k] += self._decode(got[j])                     # 8. x̂^(j) += C(z^(j))
         self.rounds += 1
 
-    def state_dict(self):
-        s = super().state_dict()
-        s["replicas"] = self.replicas
-        s["neighbors"] = self._neighbor_table()
-        return s
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        if not np.array_equal(np.asarray(state["neighbors"]), self._neighbor_table()):
-            raise ValueError(f"checkpoint was written with neighbours {list(state['neighbors'])}, "
-                             f"this topology gives {self.neighbors}")
-        self._load_array(self.replicas, state["replicas"])
-
 
 # --------------------------------------------------------------------------------------------
 # ECD-PSGD
@@ -275,6 +281,7 @@ class ECDPSGD(GossipAlgorithm):
     """
 
     name = "ecd_psgd"
+    _state_arrays = ("own_estimate", "estimates")
     uses_codec = True
     default_codec = "stochastic_bits"
     needs_unbiased_codec = True
@@ -312,18 +319,3 @@ class ECDPSGD(GossipAlgorithm):
         for n, j in enumerate(self.neighbors):                           # 8. neighbours' estimates
             self.estimates[n] = one_minus_c * self.estimates[n] + c * self._decode(got[j])
         self.rounds += 1
-
-    def state_dict(self):
-        s = super().state_dict()
-        s["own_estimate"] = self.own_estimate
-        s["estimates"] = self.estimates
-        s["neighbors"] = self._neighbor_table()
-        return s
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        if not np.array_equal(np.asarray(state["neighbors"]), self._neighbor_table()):
-            raise ValueError(f"checkpoint was written with neighbours {list(state['neighbors'])}, "
-                             f"this topology gives {self.neighbors}")
-        self._load_array(self.own_estimate, state["own_estimate"])
-        self._load_array(self.estimates, state["estimates"])

@@ -26,6 +26,15 @@ def is_round_end(t: int, K: int, avg_phase: str) -> bool:
     return (t + 1) % K == 0 if avg_phase == "end" else t % K == 0
 
 
+def check_period(K, avg_phase: str) -> tuple[int, str]:
+    """Validate the local-step period of a periodic algorithm (constructor arguments)."""
+    if int(K) < 1:
+        raise ValueError(f"K must be >= 1, got {K!r}")
+    if avg_phase not in ("end", "k0"):
+        raise ValueError(f"avg_phase must be 'end' or 'k0', got {avg_phase!r}")
+    return int(K), avg_phase
+
+
 @ALGORITHMS.register("psgd")
 class PSGD(Algorithm):
     """Parallel SGD (quantized-pr-sgd §2; cooperative-sgd eq. (2), A(1, J, 0)).
@@ -64,8 +73,7 @@ class PRSGD(Algorithm):
 
     def __init__(self, x, env, K: int = 4, avg_phase: str = "end"):
         super().__init__(x, env)
-        self.K = K
-        self.avg_phase = avg_phase
+        self.K, self.avg_phase = check_period(K, avg_phase)
 
     def step(self, t, lr, grad):
         g = self._wd(grad())
@@ -160,12 +168,7 @@ class QPRSGD(Algorithm):
 
     def __init__(self, x, env, K: int = 4, avg_phase: str = "end"):
         super().__init__(x, env)
-        if int(K) < 1:
-            raise ValueError(f"K must be >= 1, got {K!r}")
-        if avg_phase not in ("end", "k0"):
-            raise ValueError(f"avg_phase must be 'end' or 'k0', got {avg_phase!r}")
-        self.K = int(K)
-        self.avg_phase = avg_phase
+        self.K, self.avg_phase = check_period(K, avg_phase)
         self.x_tilde = None if x is None else x.copy()   # x̃_1 = x_0 (identical on every worker)
 
     def step(self, t, lr, grad):

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..registry import ALGORITHMS
 from .dcd_ecd import GossipAlgorithm
-from .quantized_pr import is_round_end
+from .quantized_pr import check_period, is_round_end
 
 
 class DQPRSGDParams(BaseModel):
@@ -53,17 +53,13 @@ class DQPRSGD(GossipAlgorithm):
     """
 
     name = "dqpr_sgd"
+    _state_arrays = ("own_replica", "replicas")
     uses_codec = True
     default_codec = "qsgd"
 
     def __init__(self, x, env, K: int = 4, avg_phase: str = "end"):
         super().__init__(x, env)
-        if int(K) < 1:
-            raise ValueError(f"K must be >= 1, got {K!r}")
-        if avg_phase not in ("end", "k0"):
-            raise ValueError(f"avg_phase must be 'end' or 'k0', got {avg_phase!r}")
-        self.K = int(K)
-        self.avg_phase = avg_phase
+        self.K, self.avg_phase = check_period(K, avg_phase)
         # input: x̃_1^(j) = x_1 for the own replica and every neighbour's
         self.own_replica = None if x is None else x.copy()
         self.replicas = None if x is None else np.tile(x, (len(self.neighbors), 1))
@@ -92,18 +88,3 @@ class DQPRSGD(GossipAlgorithm):
             self.replicas[n] -= self._decode(got[j])                     # 11. x̃^(j) −= g^(j)
         self.x[...] = self.own_replica                                   # 1. (next round) x_{n+1;0}
         self.rounds += 1
-
-    def state_dict(self):
-        s = super().state_dict()
-        s["own_replica"] = self.own_replica
-        s["replicas"] = self.replicas
-        s["neighbors"] = self._neighbor_table()
-        return s
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        if not np.array_equal(np.asarray(state["neighbors"]), self._neighbor_table()):
-            raise ValueError(f"checkpoint was written with neighbours {list(state['neighbors'])}, "
-                             f"this topology gives {self.neighbors}")
-        self._load_array(self.own_replica, state["own_replica"])
-        self._load_array(self.replicas, state["replicas"])
