@@ -650,7 +650,7 @@ def pcg64_segment_states(state, starts):
 if HAVE_NUMBA:
     pjit = numba.njit(cache=True, nogil=True, error_model="numpy", parallel=True)
     SPEC_K = 1024   # record starts a speculative decode segment remembers
-    SPEC_R = 64     # ring of the last record ends of a speculative segment
+
 
     # ---- block_sign / sign ------------------------------------------------------------------
     @njit
@@ -773,9 +773,36 @@ if HAVE_NUMBA:
 
     # ---- qsgd encode ------------------------------------------------------------------------
     @njit
+    def _quantize32(x, u, mode, c, s32, zeta, neg):
+        """``_quantize_chunk`` into uint32 levels / signs, one loop per mode (vectorizes); the
+        same float32 operations, so the same levels (zeta <= float32(s) + 1 < 2**32)."""
+        n = x.shape[0]
+        if mode == 0:
+            for t in range(n):
+                zeta[t] = np.uint32(0)
+                neg[t] = np.uint32(x[t] < np.float32(0))
+        elif mode == 1:
+            for t in range(n):
+                xi = x[t]
+                r = min(abs(xi) * c, s32)
+                lv = np.int64(r)
+                fr = r - np.float32(lv)
+                zeta[t] = np.uint32(lv) + np.uint32(u[t] < fr)
+                neg[t] = np.uint32(xi < np.float32(0))
+        else:
+            for t in range(n):
+                xi = x[t]
+                r = min((abs(xi) / c) * s32, s32)
+                lv = np.int64(r)
+                fr = r - np.float32(lv)
+                zeta[t] = np.uint32(lv) + np.uint32(u[t] < fr)
+                neg[t] = np.uint32(xi < np.float32(0))
+
+    @njit
     def _qsgd_encode_seg(x, a, b, st, mode, c, s32, out32, wi, acc, fill, ub, zeta, neg):
         """Quantize and pack elements a..b-1 (a multiple of CHUNK) with the inline PCG64 from
-        state row ``st`` (updated), appending to the writer (out32, wi, acc, fill)."""
+        state row ``st`` (updated), appending to the writer (out32, wi, acc, fill).  Codes are
+        gathered into a 64-bit group register and the writer is called once per group."""
         hi, lo, ihi, ilo = st[0], st[1], st[2], st[3]
         has = st[4]
         buf = st[5]
@@ -783,13 +810,28 @@ if HAVE_NUMBA:
         for c0 in range(a, b, CHUNK):
             n = min(CHUNK, b - c0)
             hi, lo, has, buf = _pcg_chunk(hi, lo, ihi, ilo, has, buf, ub, n)
-            _quantize_chunk(x[c0:c0 + n], ub[:n], mode, c, s32, zeta, neg)
+            _quantize32(x[c0:c0 + n], ub[:n], mode, c, s32, zeta, neg)
+            g = U0
+            gl = U0
             for t in range(n):
-                kk = zeta[t] + U1
+                kk = np.uint64(zeta[t]) + U1
                 nn = U63 - _clz(kk)
                 ln = nn + nn + np.uint64(2)
-                wi, acc, fill = _put(out32, wi, acc, fill, kk | (neg[t] << (ln - U1)), ln)
-                total += ln
+                code = kk | (np.uint64(neg[t]) << (ln - U1))
+                if gl + ln > U64:
+                    wi, acc, fill = _put(out32, wi, acc, fill, g, gl)
+                    total += gl
+                    g = code
+                    gl = ln
+                elif gl == U0:      # ln may be 64 only here: no shift by 64
+                    g = code
+                    gl = ln
+                else:
+                    g = (g << ln) | code
+                    gl += ln
+            if gl != U0:
+                wi, acc, fill = _put(out32, wi, acc, fill, g, gl)
+                total += gl
         st[0] = hi
         st[1] = lo
         st[4] = has
@@ -816,8 +858,8 @@ if HAVE_NUMBA:
         """Segment t of qsgd_encode_par (a function of its own: numba's parfor lowering
         mishandled the branch-assigned output array when this was inlined in the prange body)."""
         ub = np.empty(CHUNK, dtype=np.float32)
-        zeta = np.empty(CHUNK, dtype=np.uint64)
-        neg = np.empty(CHUNK, dtype=np.uint64)
+        zeta = np.empty(CHUNK, dtype=np.uint32)
+        neg = np.empty(CHUNK, dtype=np.uint32)
         if t == 0:
             o32 = words.view(np.uint32)
             wi, acc, fill = _put32(o32, 0, U0, U0, np.uint64(norm_be), U32)
@@ -858,60 +900,60 @@ if HAVE_NUMBA:
         return total
 
     # ---- qsgd decode ------------------------------------------------------------------------
-    @njit
-    def qsgd_decode_from(words, pos, i0, end, d, nmax, s, tab, nsc, sd, out):
-        """The serial decoder resumed at a true record start: record i0 begins at bit ``pos``.
-        Returns (err, info, end_bit, level_bad) as ``qsgd_decode``."""
-        wi = pos // 64
-        cur = _bswap(words[wi])
-        nxt = _bswap(words[wi + 1])
-        wi += 2
-        off = np.uint64(pos % 64)
-        zbad = False
-        ntab = tab.shape[0]
-        su = np.uint64(s)
-        nm = np.uint64(nmax)
-        for i in range(i0, d):
-            if pos >= end:
-                return ERR_SHORT, i, pos, zbad
-            win = _window(cur, nxt, off)
-            body = win << U1
-            n = _clz(body)
-            if n > nm:
-                return ERR_BADCODE, pos, pos, zbad
-            ln = n + n + np.uint64(2)
-            if pos + np.int64(ln) > end:
-                return ERR_PASTEND, pos, pos, zbad
-            zeta = (body >> (U63 - n - n)) - U1
-            if zeta > su:
-                zbad = True
-                v = np.float32(0)
-            elif zeta < np.uint64(ntab):
-                v = tab[zeta]
-            else:
-                v = np.float32((nsc * np.float64(zeta)) / sd)
-            out[i] = -v if (win >> U63) != U0 else v
-            pos += np.int64(ln)
-            off += ln
-            if off >= U64:
-                off -= U64
-                cur = nxt
-                nxt = _bswap(words[wi])
-                wi += 1
-        return ERR_OK, 0, pos, zbad
+    FAST_BITS = 12   # lookahead of the multi-record decode table
+    FAST_MAX = 6     # records per table entry (12 bits hold at most 6 two-bit records)
 
     @njit
-    def _qsgd_parse_seg(words, pos, stop, end, cap, spec, nmax, s, tab, nsc, sd, vals,
-                        starts, ring):
-        """Parse records from bit ``pos`` while the record start is < stop, at most ``cap``
-        records, values into vals[0..].  ``spec``: a speculative start (an impossible code while
-        fewer than SPEC_K starts are recorded restarts one bit later).  Records the first SPEC_K
-        record starts and, in ``ring``, the end bit of record m at ring[m % SPEC_R].
-        Returns (n, pos, status, zlast): status 0 = reached stop/cap, 1 = impossible code,
-        2 = past the end; zlast = index of the last record with level > s (-1 if none)."""
+    def qsgd_fast_table(nmax, s):
+        """Multi-record table for the qsgd stream: entry w (the next FAST_BITS stream bits)
+        holds cnt[w] complete records (sign + gamma(zeta + 1)) read greedily from w, their total
+        length bits[w], and zs[w, k] = zeta_k << 1 | sign_k.  A record is only taken into an
+        entry when it is valid (n <= nmax, zeta <= s); cnt = 0 sends the decoder to the
+        one-record path, which reports errors exactly as before."""
+        nw = 1 << FAST_BITS
+        cnt = np.zeros(nw, dtype=np.int64)
+        bits = np.zeros(nw, dtype=np.int64)
+        zs = np.zeros((nw, FAST_MAX), dtype=np.int64)
+        for w in range(nw):
+            p = 0
+            k = 0
+            while k < FAST_MAX and p + 2 <= FAST_BITS:
+                sign = (w >> (FAST_BITS - 1 - p)) & 1
+                n = 0
+                while p + 1 + n < FAST_BITS and ((w >> (FAST_BITS - 2 - p - n)) & 1) == 0:
+                    n += 1
+                ln = 2 * n + 2
+                if p + ln > FAST_BITS or n > nmax:
+                    break
+                v = (w >> (FAST_BITS - p - ln)) & ((1 << (n + 1)) - 1)
+                zeta = v - 1
+                if zeta > s:
+                    break
+                zs[w, k] = (zeta << 1) | sign
+                p += ln
+                k += 1
+            cnt[w] = k
+            bits[w] = p
+        return cnt, bits, zs
+
+    @njit
+    def _qsgd_parse(words, pos, stop, end, cap, spec, nmax, s, tab, nsc, sd, vals, starts,
+                    fcnt, fbits, fzs):
+        """Parse records from bit ``pos`` while the record start is < stop, at most ``cap``,
+        values into vals[0..]: the table path (up to FAST_MAX records per lookup, always storing
+        FAST_MAX values -- the extra ones are overwritten by the next records) while at least
+        FAST_BITS bits remain before ``stop`` and FAST_MAX values fit, else one record at a time.
+        ``spec``: a speculative start -- the first SPEC_K record starts are recorded in
+        ``starts`` (one record at a time), and an impossible code among them restarts the
+        parse one bit later.  Returns (n, pos, status, zlast): status 0 = reached stop/cap,
+        1 = impossible code (info: its position is pos), 2 = record past the end; zlast =
+        index of the last record with level > s (-1 if none)."""
         ntab = tab.shape[0]
         su = np.uint64(s)
         nm = np.uint64(nmax)
+        fb = np.uint64(64 - FAST_BITS)
+        fast_stop = stop - FAST_BITS
+        fast_cap = cap - FAST_MAX
         while True:
             wi = pos // 64
             cur = _bswap(words[wi])
@@ -924,6 +966,24 @@ if HAVE_NUMBA:
             restart = False
             while pos < stop and n_rec < cap:
                 win = _window(cur, nxt, off)
+                if pos <= fast_stop and n_rec <= fast_cap and (not spec or n_rec >= SPEC_K):
+                    e = np.int64(win >> fb)
+                    c = fcnt[e]
+                    if c != 0:
+                        for k in range(FAST_MAX):
+                            z = fzs[e, k]
+                            v = tab[z >> 1]
+                            vals[n_rec + k] = -v if (z & 1) != 0 else v
+                        n_rec += c
+                        ln = np.uint64(fbits[e])
+                        pos += np.int64(ln)
+                        off += ln
+                        if off >= U64:
+                            off -= U64
+                            cur = nxt
+                            nxt = _bswap(words[wi])
+                            wi += 1
+                        continue
                 body = win << U1
                 n = _clz(body)
                 if n > nm:
@@ -944,10 +1004,9 @@ if HAVE_NUMBA:
                 else:
                     v = np.float32((nsc * np.float64(zeta)) / sd)
                 vals[n_rec] = -v if (win >> U63) != U0 else v
-                if n_rec < SPEC_K:
+                if spec and n_rec < SPEC_K:
                     starts[n_rec] = pos
                 pos += np.int64(ln)
-                ring[n_rec % SPEC_R] = pos
                 n_rec += 1
                 off += ln
                 if off >= U64:
@@ -962,27 +1021,43 @@ if HAVE_NUMBA:
                 continue
             return n_rec, pos, status, zlast
 
+    @njit
+    def qsgd_decode_from(words, pos, i0, end, d, nmax, s, tab, nsc, sd, out, fcnt, fbits, fzs):
+        """The decoder resumed at a true record start (record i0 begins at bit ``pos``), with
+        the table path.  Returns (err, info, end_bit, level_bad) exactly as ``qsgd_decode``."""
+        starts = np.zeros(1, dtype=np.int64)
+        n, p, st, zl = _qsgd_parse(words, pos, end, end, d - i0, False, nmax, s, tab, nsc, sd,
+                                   out[i0:], starts, fcnt, fbits, fzs)
+        zbad = zl >= 0
+        if st == 1:
+            return ERR_BADCODE, p, p, zbad
+        if st == 2:
+            return ERR_PASTEND, p, p, zbad
+        if n < d - i0:
+            return ERR_SHORT, i0 + n, p, zbad
+        return ERR_OK, 0, p, zbad
+
     @pjit
     def qsgd_decode_par(words, end, d, nmax, s, tab, nsc, sd, out, tmp, bounds, toff, res,
-                        starts, ring):
+                        starts, fcnt, fbits, fzs):
         """Segment 0 parses from bit 32 into out; segment t >= 1 speculatively from bit
         bounds[t] into tmp[toff[t]:toff[t+1]], each while the record start is < bounds[t+1].
-        res[t] = (n, final pos, status, zlast).  The merge is :func:`qsgd_merge`."""
+        res[t] = (n, final pos, status, zlast); the merge is in QSGD._nb_decode_par."""
         nt = bounds.shape[0] - 1
         for t in numba.prange(nt):
             _qsgd_decode_task(t, words, end, d, nmax, s, tab, nsc, sd, out, tmp, bounds, toff,
-                              res, starts, ring)
+                              res, starts, fcnt, fbits, fzs)
 
     @njit
     def _qsgd_decode_task(t, words, end, d, nmax, s, tab, nsc, sd, out, tmp, bounds, toff, res,
-                          starts, ring):
+                          starts, fcnt, fbits, fzs):
         if t == 0:
-            n, p, stt, zl = _qsgd_parse_seg(words, 32, bounds[1], end, d, False, nmax, s,
-                                            tab, nsc, sd, out, starts[0], ring[0])
+            n, p, stt, zl = _qsgd_parse(words, 32, bounds[1], end, d, False, nmax, s, tab, nsc,
+                                        sd, out, starts[0], fcnt, fbits, fzs)
         else:
-            n, p, stt, zl = _qsgd_parse_seg(words, bounds[t], bounds[t + 1], end,
-                                            toff[t + 1] - toff[t], True, nmax, s, tab, nsc,
-                                            sd, tmp[toff[t]:toff[t + 1]], starts[t], ring[t])
+            n, p, stt, zl = _qsgd_parse(words, bounds[t], bounds[t + 1], end,
+                                        toff[t + 1] - toff[t], True, nmax, s, tab, nsc, sd,
+                                        tmp[toff[t]:toff[t + 1]], starts[t], fcnt, fbits, fzs)
         res[t, 0] = n
         res[t, 1] = p
         res[t, 2] = stt

@@ -178,7 +178,7 @@ class _QSGDBase(Codec):
         x, norm, mode, c, u, state, bg = self._nb_prepare(x, rng)
         norm_be = int.from_bytes(np.float32(norm).astype("<f4").tobytes(), "big")
         nt = self._nt()
-        if not runlength and bg is not None and nt > 1:
+        if not runlength and bg is not None and (nt > 1 or self.d >= self.par_min_d):
             return norm_be, self._nb_encode_par(x, mode, c, state, bg, norm_be, words, nt), 0
         nbits, k = _nk.qsgd_quantize_pack(x, u, state, bg is not None, mode, c,
                                           np.float32(self.s), norm_be, words, runlength)
@@ -203,10 +203,25 @@ class _QSGDBase(Codec):
         _nk.pcg64_store(bg, states[-1])
         return int(nbits)
 
+    def _fast(self):
+        """The multi-record decode table for (nmax, s), built once per codec."""
+        t = self._scratch.get("fast")
+        if t is None:
+            t = _nk.qsgd_fast_table(self.nmax, self.s)
+            self._scratch["fast"] = t
+        return t
+
+    def _nb_decode_serial(self, words, end, tab, nsc, out, pos=32, i=0, zbad=False):
+        err, info, e, zb = _nk.qsgd_decode_from(words, pos, i, end, self.d, self.nmax, self.s,
+                                                tab, nsc, float(self.s), out, *self._fast())
+        return err, info, e, bool(zb) or zbad
+
     def _nb_decode_par(self, words, end, tab, nsc, out, nt):
         """The parallel decoder (see _numba_kernels): (err, info, end_bit, level_bad) exactly as
-        the serial ``qsgd_decode``."""
-        d, K, R = self.d, _nk.SPEC_K, _nk.SPEC_R
+        the serial decoder.  Anything unexpected -- no resynchronisation, an error, a count
+        mismatch, a level > s after the resynchronisation point -- resumes the serial decoder
+        from the last true (record start, index)."""
+        d, K = self.d, _nk.SPEC_K
         bounds = np.array([32 + ((end - 32) * t) // nt for t in range(nt)] + [end], dtype=np.int64)
         cap = np.minimum(d, np.diff(bounds) // 2 + 2)
         cap[0] = 0
@@ -214,19 +229,11 @@ class _QSGDBase(Codec):
         tmp = self._buf("dtmp", int(toff[-1]) + 1, np.float32)
         res = np.zeros((nt, 4), dtype=np.int64)
         starts = np.zeros((nt, K), dtype=np.int64)
-        ring = np.zeros((nt, R), dtype=np.int64)
-        sd = float(self.s)
-        _nk.qsgd_decode_par(words, end, d, self.nmax, self.s, tab, nsc, sd, out, tmp, bounds,
-                            toff, res, starts, ring)
-
-        def serial(pos, i, zbad):
-            err, info, e, zb = _nk.qsgd_decode_from(words, pos, i, end, d, self.nmax, self.s,
-                                                    tab, nsc, sd, out)
-            return err, info, e, bool(zb) or zbad
-
+        _nk.qsgd_decode_par(words, end, d, self.nmax, self.s, tab, nsc, float(self.s), out, tmp,
+                            bounds, toff, res, starts, *self._fast())
         n0, p, st0, zl0 = (int(v) for v in res[0])
         if st0 != 0:
-            return serial(32, 0, False)
+            return self._nb_decode_serial(words, end, tab, nsc, out)
         zbad = zl0 >= 0
         i = n0
         if i == d:
@@ -236,22 +243,17 @@ class _QSGDBase(Codec):
             k = min(n, K)
             j = int(np.searchsorted(starts[t, :k], p))
             if j >= k or int(starts[t, j]) != p or zl >= j:
-                return serial(p, i, zbad)
+                return self._nb_decode_serial(words, end, tab, nsc, out, p, i, zbad)
             c = n - j
             src = tmp[toff[t] + j:toff[t] + n]
-            if t < nt - 1:
-                if stt != 0 or pe < bounds[t + 1] or i + c > d:
-                    return serial(p, i, zbad)
-                _nk.pcopy(src, out[i:i + c], nt)
-                i += c
-                p = pe
-                continue
-            need = d - i
-            if c < need or c - need >= R:
-                return serial(p, i, zbad)
-            _nk.pcopy(src[:need], out[i:], nt)
-            return _nk.ERR_OK, 0, int(ring[t, (j + need - 1) % R]), zbad
-        return serial(p, i, zbad)  # pragma: no cover - the loop returns
+            if t < nt - 1 and (stt != 0 or pe < bounds[t + 1] or i + c > d):
+                return self._nb_decode_serial(words, end, tab, nsc, out, p, i, zbad)
+            if t == nt - 1 and c != d - i:
+                return self._nb_decode_serial(words, end, tab, nsc, out, p, i, zbad)
+            _nk.pcopy(src, out[i:i + c], nt)
+            i += c
+            p = pe
+        return _nk.ERR_OK, 0, p, zbad
 
     def _table(self, norm, scale):
         """Decoded magnitudes float32(float64(norm) * scale * zeta / s) for small zeta."""
@@ -436,8 +438,7 @@ class QSGD(_QSGDBase):
         if nt > 1:
             err, info, end, zbad = self._nb_decode_par(words, 8 * nbytes, tab, nsc, out, nt)
         else:
-            err, info, end, zbad = _nk.qsgd_decode(words, 8 * nbytes, self.d, self.nmax, self.s,
-                                                   tab, nsc, float(self.s), out)
+            err, info, end, zbad = self._nb_decode_serial(words, 8 * nbytes, tab, nsc, out)
         self._nb_raise(err, info, self.d)
         self._finish_bytes(data, int(end))
         if zbad:
