@@ -799,39 +799,62 @@ if HAVE_NUMBA:
                 neg[t] = np.uint32(xi < np.float32(0))
 
     @njit
-    def _qsgd_encode_seg(x, a, b, st, mode, c, s32, out32, wi, acc, fill, ub, zeta, neg):
+    def _codes(zeta, neg, n, cs, ls):
+        """cs[t], ls[t] = sign + gamma(zeta[t] + 1) code and its length, t < n."""
+        for t in range(n):
+            kk = np.uint64(zeta[t]) + U1
+            nn = U63 - _clz(kk)
+            ln = nn + nn + np.uint64(2)
+            cs[t] = kk | (np.uint64(neg[t]) << (ln - U1))
+            ls[t] = ln
+
+    @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+    def _gput(out32, wi, acc, fill, g, gl, item, L):
+        """Append an item of L (1..64) bits through the 64-bit group register (g, gl): the
+        writer is called only when the group is full."""
+        if gl + L > U64:
+            wi, acc, fill = _put(out32, wi, acc, fill, g, gl)
+            return wi, acc, fill, item, L
+        if gl == U0:        # L may be 64 only here: no shift by 64
+            return wi, acc, fill, item, L
+        return wi, acc, fill, (g << L) | item, gl + L
+
+    @njit
+    def _qsgd_encode_seg(x, a, b, st, mode, c, s32, out32, wi, acc, fill, ub, zeta, neg, cs, ls):
         """Quantize and pack elements a..b-1 (a multiple of CHUNK) with the inline PCG64 from
-        state row ``st`` (updated), appending to the writer (out32, wi, acc, fill).  Codes are
-        gathered into a 64-bit group register and the writer is called once per group."""
+        state row ``st`` (updated), appending to the writer (out32, wi, acc, fill).  The codes
+        of 8 elements are merged into one item when they fit in 64 bits (almost always at
+        s = sqrt(d)), and items go through a 64-bit group register."""
         hi, lo, ihi, ilo = st[0], st[1], st[2], st[3]
         has = st[4]
         buf = st[5]
         total = U0
+        g = U0
+        gl = U0
         for c0 in range(a, b, CHUNK):
             n = min(CHUNK, b - c0)
             hi, lo, has, buf = _pcg_chunk(hi, lo, ihi, ilo, has, buf, ub, n)
             _quantize32(x[c0:c0 + n], ub[:n], mode, c, s32, zeta, neg)
-            g = U0
-            gl = U0
-            for t in range(n):
-                kk = np.uint64(zeta[t]) + U1
-                nn = U63 - _clz(kk)
-                ln = nn + nn + np.uint64(2)
-                code = kk | (np.uint64(neg[t]) << (ln - U1))
-                if gl + ln > U64:
-                    wi, acc, fill = _put(out32, wi, acc, fill, g, gl)
-                    total += gl
-                    g = code
-                    gl = ln
-                elif gl == U0:      # ln may be 64 only here: no shift by 64
-                    g = code
-                    gl = ln
+            _codes(zeta, neg, n, cs, ls)
+            n8 = n - n % 8
+            for q in range(0, n8, 8):
+                L = ls[q] + ls[q + 1] + ls[q + 2] + ls[q + 3] + ls[q + 4] + ls[q + 5] + \
+                    ls[q + 6] + ls[q + 7]
+                total += L
+                if L <= U64:
+                    item = U0
+                    for k in range(8):
+                        item = (item << ls[q + k]) | cs[q + k]
+                    wi, acc, fill, g, gl = _gput(out32, wi, acc, fill, g, gl, item, L)
                 else:
-                    g = (g << ln) | code
-                    gl += ln
-            if gl != U0:
-                wi, acc, fill = _put(out32, wi, acc, fill, g, gl)
-                total += gl
+                    for k in range(8):
+                        wi, acc, fill, g, gl = _gput(out32, wi, acc, fill, g, gl, cs[q + k],
+                                                     ls[q + k])
+            for k in range(n8, n):
+                total += ls[k]
+                wi, acc, fill, g, gl = _gput(out32, wi, acc, fill, g, gl, cs[k], ls[k])
+        if gl != U0:
+            wi, acc, fill = _put(out32, wi, acc, fill, g, gl)
         st[0] = hi
         st[1] = lo
         st[4] = has
@@ -860,6 +883,8 @@ if HAVE_NUMBA:
         ub = np.empty(CHUNK, dtype=np.float32)
         zeta = np.empty(CHUNK, dtype=np.uint32)
         neg = np.empty(CHUNK, dtype=np.uint32)
+        cs = np.empty(CHUNK, dtype=np.uint64)
+        ls = np.empty(CHUNK, dtype=np.uint64)
         if t == 0:
             o32 = words.view(np.uint32)
             wi, acc, fill = _put32(o32, 0, U0, U0, np.uint64(norm_be), U32)
@@ -867,7 +892,7 @@ if HAVE_NUMBA:
             o32 = scratch.view(np.uint32)[2 * soff[t]:2 * soff[t + 1]]
             wi, acc, fill = 0, U0, U0
         wi, acc, fill, tot = _qsgd_encode_seg(x, bounds[t], bounds[t + 1], states[t], mode,
-                                              c, s32, o32, wi, acc, fill, ub, zeta, neg)
+                                              c, s32, o32, wi, acc, fill, ub, zeta, neg, cs, ls)
         o32[wi] = _bswap32(np.uint32(acc >> U32))
         segbits[t] = np.int64(tot)
         wstate[t, 0] = np.uint64(wi)
@@ -1070,5 +1095,4 @@ if HAVE_NUMBA:
         for t in numba.prange(nt):
             a = (n * t) // nt
             b = (n * (t + 1)) // nt
-            for i in range(a, b):
-                dst[i] = src[i]
+            dst[a:b] = src[a:b]
