@@ -1062,6 +1062,55 @@ if HAVE_NUMBA:
             return ERR_SHORT, i0 + n, p, zbad
         return ERR_OK, 0, p, zbad
 
+    @njit
+    def qsgd_catchup(words, pos, i, end, d, nmax, s, tab, nsc, sd, out, starts, k):
+        """Resynchronise with a speculative segment: decode true records one at a time from
+        (pos, i) into out until pos is one of the segment's recorded starts starts[0..k-1]
+        (sorted).  Returns (pos, i, j) with starts[j] == pos, or j = -1 when the true parse
+        passes the last recorded start, meets an error or a level > s, or reaches d records
+        (the caller then resumes the serial decoder from the returned (pos, i))."""
+        if k == 0:
+            return pos, i, -1
+        j = 0
+        wi = pos // 64
+        cur = _bswap(words[wi])
+        nxt = _bswap(words[wi + 1])
+        wi += 2
+        off = np.uint64(pos % 64)
+        ntab = tab.shape[0]
+        su = np.uint64(s)
+        nm = np.uint64(nmax)
+        while i < d and pos <= starts[k - 1]:
+            while starts[j] < pos:
+                j += 1
+            if starts[j] == pos:
+                return pos, i, j
+            win = _window(cur, nxt, off)
+            body = win << U1
+            n = _clz(body)
+            if n > nm:
+                break
+            ln = n + n + np.uint64(2)
+            if pos + np.int64(ln) > end:
+                break
+            zeta = (body >> (U63 - n - n)) - U1
+            if zeta > su:
+                break
+            elif zeta < np.uint64(ntab):
+                v = tab[zeta]
+            else:
+                v = np.float32((nsc * np.float64(zeta)) / sd)
+            out[i] = -v if (win >> U63) != U0 else v
+            i += 1
+            pos += np.int64(ln)
+            off += ln
+            if off >= U64:
+                off -= U64
+                cur = nxt
+                nxt = _bswap(words[wi])
+                wi += 1
+        return pos, i, -1
+
     @pjit
     def qsgd_decode_par(words, end, d, nmax, s, tab, nsc, sd, out, tmp, bounds, toff, res,
                         starts, fcnt, fbits, fzs):

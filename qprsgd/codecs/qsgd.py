@@ -242,7 +242,13 @@ class _QSGDBase(Codec):
             n, pe, stt, zl = (int(v) for v in res[t])
             k = min(n, K)
             j = int(np.searchsorted(starts[t, :k], p))
-            if j >= k or int(starts[t, j]) != p or zl >= j:
+            if j >= k or int(starts[t, j]) != p:
+                # the segment restarted past p, or p lies between its recorded starts: decode
+                # true records until the two parses meet
+                p, i, j = (int(v) for v in _nk.qsgd_catchup(
+                    words, p, i, end, d, self.nmax, self.s, tab, nsc, float(self.s), out,
+                    starts[t], k))
+            if j < 0 or zl >= j:
                 return self._nb_decode_serial(words, end, tab, nsc, out, p, i, zbad)
             c = n - j
             src = tmp[toff[t] + j:toff[t] + n]
