@@ -931,14 +931,14 @@ if HAVE_NUMBA:
     @njit
     def qsgd_fast_table(nmax, s):
         """Multi-record table for the qsgd stream: entry w (the next FAST_BITS stream bits)
-        holds cnt[w] complete records (sign + gamma(zeta + 1)) read greedily from w, their total
-        length bits[w], and zs[w, k] = zeta_k << 1 | sign_k.  A record is only taken into an
+        holds cnt complete records (sign + gamma(zeta + 1)) read greedily from w and their total
+        length bits, as meta[w] = bits | cnt << 4, and zs[w, k] = zeta_k << 1 | sign_k (uint8:
+        zeta <= 62; the tables take 28 KB, L1-resident).  A record is only taken into an
         entry when it is valid (n <= nmax, zeta <= s); cnt = 0 sends the decoder to the
         one-record path, which reports errors exactly as before."""
         nw = 1 << FAST_BITS
-        cnt = np.zeros(nw, dtype=np.int64)
-        bits = np.zeros(nw, dtype=np.int64)
-        zs = np.zeros((nw, FAST_MAX), dtype=np.int64)
+        meta = np.zeros(nw, dtype=np.uint8)
+        zs = np.zeros((nw, FAST_MAX), dtype=np.uint8)
         for w in range(nw):
             p = 0
             k = 0
@@ -957,13 +957,12 @@ if HAVE_NUMBA:
                 zs[w, k] = (zeta << 1) | sign
                 p += ln
                 k += 1
-            cnt[w] = k
-            bits[w] = p
-        return cnt, bits, zs
+            meta[w] = p | (k << 4)
+        return meta, zs
 
     @njit
     def _qsgd_parse(words, pos, stop, end, cap, spec, nmax, s, tab, nsc, sd, vals, starts,
-                    fcnt, fbits, fzs):
+                    fmeta, fzs):
         """Parse records from bit ``pos`` while the record start is < stop, at most ``cap``,
         values into vals[0..]: the table path (up to FAST_MAX records per lookup, always storing
         FAST_MAX values -- the extra ones are overwritten by the next records) while at least
@@ -977,6 +976,10 @@ if HAVE_NUMBA:
         su = np.uint64(s)
         nm = np.uint64(nmax)
         fb = np.uint64(64 - FAST_BITS)
+        stab = np.zeros(128, dtype=np.float32)  # stab[zeta << 1 | sign] = ±tab[zeta]
+        for z in range(min(64, ntab)):
+            stab[2 * z] = tab[z]
+            stab[2 * z + 1] = -tab[z]
         fast_stop = stop - FAST_BITS
         fast_cap = cap - FAST_MAX
         while True:
@@ -993,14 +996,13 @@ if HAVE_NUMBA:
                 win = _window(cur, nxt, off)
                 if pos <= fast_stop and n_rec <= fast_cap and (not spec or n_rec >= SPEC_K):
                     e = np.int64(win >> fb)
-                    c = fcnt[e]
+                    mt = np.int64(fmeta[e])
+                    c = mt >> 4
                     if c != 0:
                         for k in range(FAST_MAX):
-                            z = fzs[e, k]
-                            v = tab[z >> 1]
-                            vals[n_rec + k] = -v if (z & 1) != 0 else v
+                            vals[n_rec + k] = stab[fzs[e, k]]
                         n_rec += c
-                        ln = np.uint64(fbits[e])
+                        ln = np.uint64(mt & 15)
                         pos += np.int64(ln)
                         off += ln
                         if off >= U64:
@@ -1047,12 +1049,12 @@ if HAVE_NUMBA:
             return n_rec, pos, status, zlast
 
     @njit
-    def qsgd_decode_from(words, pos, i0, end, d, nmax, s, tab, nsc, sd, out, fcnt, fbits, fzs):
+    def qsgd_decode_from(words, pos, i0, end, d, nmax, s, tab, nsc, sd, out, fmeta, fzs):
         """The decoder resumed at a true record start (record i0 begins at bit ``pos``), with
         the table path.  Returns (err, info, end_bit, level_bad) exactly as ``qsgd_decode``."""
         starts = np.zeros(1, dtype=np.int64)
         n, p, st, zl = _qsgd_parse(words, pos, end, end, d - i0, False, nmax, s, tab, nsc, sd,
-                                   out[i0:], starts, fcnt, fbits, fzs)
+                                   out[i0:], starts, fmeta, fzs)
         zbad = zl >= 0
         if st == 1:
             return ERR_BADCODE, p, p, zbad
@@ -1113,25 +1115,25 @@ if HAVE_NUMBA:
 
     @pjit
     def qsgd_decode_par(words, end, d, nmax, s, tab, nsc, sd, out, tmp, bounds, toff, res,
-                        starts, fcnt, fbits, fzs):
+                        starts, fmeta, fzs):
         """Segment 0 parses from bit 32 into out; segment t >= 1 speculatively from bit
         bounds[t] into tmp[toff[t]:toff[t+1]], each while the record start is < bounds[t+1].
         res[t] = (n, final pos, status, zlast); the merge is in QSGD._nb_decode_par."""
         nt = bounds.shape[0] - 1
         for t in numba.prange(nt):
             _qsgd_decode_task(t, words, end, d, nmax, s, tab, nsc, sd, out, tmp, bounds, toff,
-                              res, starts, fcnt, fbits, fzs)
+                              res, starts, fmeta, fzs)
 
     @njit
     def _qsgd_decode_task(t, words, end, d, nmax, s, tab, nsc, sd, out, tmp, bounds, toff, res,
-                          starts, fcnt, fbits, fzs):
+                          starts, fmeta, fzs):
         if t == 0:
             n, p, stt, zl = _qsgd_parse(words, 32, bounds[1], end, d, False, nmax, s, tab, nsc,
-                                        sd, out, starts[0], fcnt, fbits, fzs)
+                                        sd, out, starts[0], fmeta, fzs)
         else:
             n, p, stt, zl = _qsgd_parse(words, bounds[t], bounds[t + 1], end,
                                         toff[t + 1] - toff[t], True, nmax, s, tab, nsc, sd,
-                                        tmp[toff[t]:toff[t + 1]], starts[t], fcnt, fbits, fzs)
+                                        tmp[toff[t]:toff[t + 1]], starts[t], fmeta, fzs)
         res[t, 0] = n
         res[t, 1] = p
         res[t, 2] = stt
