@@ -19,8 +19,10 @@ codec's own, QPRSGD_CODEC_THREADS or 2).
 
 The ``backend`` column says which kernels ran: ``numba`` (compiled, the default for numpy arrays
 when numba imports) or ``numpy`` (vectorized; QPRSGD_NO_NUMBA=1, cupy, or ``--backend numpy``).
-``--backend both`` runs every codec that has a numba path twice.  Run it pinned and repeated on a
-busy machine (``taskset -c 1 ...``): memcpy is measured in the same run, compare the ratios.
+``--backend both`` runs every codec that has a numba path twice.  Do not pin it to one core
+(the threaded rows need two); on a busy machine repeat it and compare the ratio columns: memcpy
+is measured in the same run.  All vectors here fit in a large L3 on the 2-core machine, so these
+are cache-warm steady-state figures.
 """
 from __future__ import annotations
 
@@ -114,7 +116,8 @@ def main(argv=None):
                 codec = e.factory(d, None, xp=xp, block_size=1 << 18)
             has_nb = getattr(codec, "backend", "numpy") == "numba"
             if a.backend in ("default", "both") or not has_nb:
-                for nt in (tlist if has_nb and hasattr(codec, "threads") else [None]):
+                threaded = has_nb and name in ("qsgd", "qsgd_scaled", "sign", "block_sign")
+                for nt in (tlist if threaded else [None]):
                     c1 = codec
                     if nt is not None:
                         c1 = e.factory(d, codec.blocks if name == "block_sign" else None, xp=xp, **p)

@@ -471,6 +471,11 @@ class QSGDRunLength(_QSGDBase):
 
     name = "qsgd_runlength"
 
+    def _nt(self):
+        # the gap of each record depends on the previous non-zero: encode and decode stay on
+        # one thread (docs/codecs.md)
+        return 1
+
     def max_bytes(self):
         nd = self.d.bit_length()
         return (32 + 2 * nd + 1 + self.d * (2 * nd + 1 + 1 + 2 * self.nmax + 1) + 7) // 8
