@@ -349,3 +349,27 @@ def test_parallel_decoder_resynchronises_without_serial_resume(monkeypatch):
     n_serial_calls = 6  # the threads = 1 decodes above
     assert len(resumed) == n_serial_calls
     assert caught  # the catch-up path ran (and was then exact: compared above)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+def test_codec_shared_by_threads(backend):
+    """One codec used by several Python threads at once (as the in-process test clusters do):
+    the per-thread scratch keeps every payload and decoded vector equal to a sequential run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if backend == "numba" and not nk.enabled():
+        pytest.skip("numba kernels disabled")
+    for name, d, blocks in [("block_sign", 20, (7, 13)), ("block_sign", 200_003, (100_000, 100_003)),
+                            ("qsgd", 21, None), ("qsgd", 300_001, None)]:
+        c = make(name, d, 2, blocks, backend=backend)
+        c.par_min_d = 1 << 16
+        xs = [vec(d, seed=k) for k in range(6)]
+
+        def job(k):
+            pay = c.encode(xs[k], np.random.default_rng(k))
+            return pay.data.tobytes(), c.decode(pay.data).tobytes()
+
+        seq = [job(k) for k in range(6)]
+        for _ in range(3):
+            with ThreadPoolExecutor(6) as ex:
+                assert list(ex.map(job, range(6))) == seq, name

@@ -29,6 +29,7 @@ decoder advances at least 2 bits per record and stops at the first error, so it 
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 
@@ -585,6 +586,11 @@ if HAVE_NUMBA:
 #     s -- the serial decoder resumes from the last true (position, index) and reports exactly
 #     what the single-thread decoder reports.
 # --------------------------------------------------------------------------------------------
+
+# Every call of a ``parallel=True`` kernel holds this lock: numba's workqueue threading layer
+# (the fallback when neither TBB nor OpenMP loads) aborts the process on concurrent launches,
+# and a codec may be used from several Python threads at once.
+PAR_LOCK = threading.Lock()
 
 _M128 = (1 << 128) - 1
 _M64 = (1 << 64) - 1

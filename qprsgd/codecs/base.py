@@ -22,6 +22,7 @@ unspecified (it may be partly written).
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -64,6 +65,15 @@ class Codec:
         if sum(self.blocks) != self.d or any(b < 1 for b in self.blocks):
             raise ValueError(f"blocks must be positive sizes summing to d={self.d}")
         self.xp = xp
+        self._tls = threading.local()
+
+    def _thread_scratch(self) -> dict:
+        """Reusable scratch arrays owned by the codec, one set per calling thread: a codec may be
+        shared by threads that encode/decode concurrently (the tests' in-process clusters)."""
+        d = getattr(self._tls, "scratch", None)
+        if d is None:
+            d = self._tls.scratch = {}
+        return d
 
     def encode(self, x, rng=None) -> Payload:  # pragma: no cover - interface
         raise NotImplementedError

@@ -133,11 +133,12 @@ class _QSGDBase(Codec):
 
     # numba path helpers ------------------------------------------------------------------
     def _buf(self, key, n, dtype):
-        """A reusable scratch array of >= n elements (the codec owns it)."""
-        b = self._scratch.get(key)
+        """A reusable scratch array of >= n elements (the codec owns it; one per thread)."""
+        sc = self._thread_scratch()
+        b = sc.get(key)
         if b is None or b.shape[0] < n:
             b = np.empty(n, dtype=dtype)
-            self._scratch[key] = b
+            sc[key] = b
         return b
 
     def _nb_prepare(self, x, rng):
@@ -197,8 +198,9 @@ class _QSGDBase(Codec):
         scratch = self._buf("ws", int(soff[-1]) + 1, np.uint64)
         segbits = np.zeros(nt, dtype=np.int64)
         wstate = np.zeros((nt, 3), dtype=np.uint64)
-        _nk.qsgd_encode_par(x, bounds, states, mode, c, np.float32(self.s), norm_be, words,
-                            scratch, soff, segbits, wstate)
+        with _nk.PAR_LOCK:
+            _nk.qsgd_encode_par(x, bounds, states, mode, c, np.float32(self.s), norm_be, words,
+                                scratch, soff, segbits, wstate)
         nbits = _nk.qsgd_append(words, scratch, soff, segbits, wstate)
         _nk.pcg64_store(bg, states[-1])
         return int(nbits)
@@ -229,8 +231,9 @@ class _QSGDBase(Codec):
         tmp = self._buf("dtmp", int(toff[-1]) + 1, np.float32)
         res = np.zeros((nt, 4), dtype=np.int64)
         starts = np.zeros((nt, K), dtype=np.int64)
-        _nk.qsgd_decode_par(words, end, d, self.nmax, self.s, tab, nsc, float(self.s), out, tmp,
-                            bounds, toff, res, starts, *self._fast())
+        with _nk.PAR_LOCK:
+            _nk.qsgd_decode_par(words, end, d, self.nmax, self.s, tab, nsc, float(self.s), out,
+                                tmp, bounds, toff, res, starts, *self._fast())
         n0, p, st0, zl0 = (int(v) for v in res[0])
         if st0 != 0:
             return self._nb_decode_serial(words, end, tab, nsc, out)
@@ -256,7 +259,8 @@ class _QSGDBase(Codec):
                 return self._nb_decode_serial(words, end, tab, nsc, out, p, i, zbad)
             if t == nt - 1 and c != d - i:
                 return self._nb_decode_serial(words, end, tab, nsc, out, p, i, zbad)
-            _nk.pcopy(src, out[i:i + c], nt)
+            with _nk.PAR_LOCK:
+                _nk.pcopy(src, out[i:i + c], nt)
             i += c
             p = pe
         return _nk.ERR_OK, 0, p, zbad

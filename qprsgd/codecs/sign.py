@@ -61,12 +61,8 @@ class BlockSign(Codec):
         self.backend = "numba" if (_nk.enabled() and xp is np) else "numpy"
         self.threads = _nk.threads()
         self.par_min_d = 1 << 16
-        # reusable scratch (the codec owns it): numpy path: sign mask and unpacked bits
-        # (~2 bytes/element, allocated on first use); numba path: 8 accumulators per block
-        self._neg = None
-        self._bits = None
-        self._acc8 = np.zeros((self.B, 8), dtype=np.float64)
-        self._sums = np.zeros(self.B, dtype=np.float64)
+        # numpy path scratch (the codec owns it, one set per calling thread): sign mask and
+        # unpacked bits (~2 bytes/element, allocated on first use)
         self._sizes = np.asarray(self.blocks, dtype=np.float64)
         self._plans = {}
 
@@ -112,10 +108,12 @@ class BlockSign(Codec):
             if not bool(xp.isfinite(x).all()):
                 raise CodecError(f"{self.name}: cannot encode a vector holding NaN or Inf")
             raise CodecError(f"{self.name}: a block's l1 norm / d_b overflows float32")
-        if self._neg is None:
-            self._neg = xp.empty(self.d, dtype=xp.bool_)
-        xp.less(x, 0, out=self._neg)
-        packed = xp.packbits(self._neg)
+        sc_ = self._thread_scratch()
+        if "neg" not in sc_:
+            sc_["neg"] = xp.empty(self.d, dtype=xp.bool_)
+        neg = sc_["neg"]
+        xp.less(x, 0, out=neg)
+        packed = xp.packbits(neg)
         data = xp.empty(self.nbytes, dtype=xp.uint8)
         data[:4 * self.B] = xp.asarray(sc.astype("<f4").view(np.uint8))
         data[4 * self.B:] = packed
@@ -125,9 +123,12 @@ class BlockSign(Codec):
         x = np.ascontiguousarray(x)
         data = np.empty(self.nbytes, dtype=np.uint8)
         tb, _ = self._plan(self._nt())
-        _nk.block_sign_encode(x, self.offsets, tb, self._acc8, self._sums, data[4 * self.B:])
+        acc8 = np.empty((self.B, 8), dtype=np.float64)
+        sums = np.empty(self.B, dtype=np.float64)
+        with _nk.PAR_LOCK:
+            _nk.block_sign_encode(x, self.offsets, tb, acc8, sums, data[4 * self.B:])
         with np.errstate(over="ignore", invalid="ignore"):
-            sc = (self._sums / self._sizes).astype(np.float32)
+            sc = (sums / self._sizes).astype(np.float32)
         if not np.isfinite(sc).all():
             if not bool(np.isfinite(x).all()):
                 raise CodecError(f"{self.name}: cannot encode a vector holding NaN or Inf")
@@ -155,12 +156,14 @@ class BlockSign(Codec):
         su = sc.astype(np.float32).view(np.uint32)
         if self.backend == "numba":
             _, bounds = self._plan(self._nt())
-            _nk.block_sign_decode(np.ascontiguousarray(data[4 * self.B:]), self.offsets, su,
-                                  bounds, ou)
+            with _nk.PAR_LOCK:
+                _nk.block_sign_decode(np.ascontiguousarray(data[4 * self.B:]), self.offsets, su,
+                                      bounds, ou)
             return out
-        if self._bits is None:
-            self._bits = xp.empty(self.d, dtype=xp.uint8)
-        bits = self._bits
+        sc_ = self._thread_scratch()
+        if "bits" not in sc_:
+            sc_["bits"] = xp.empty(self.d, dtype=xp.uint8)
+        bits = sc_["bits"]
         bits[:] = xp.unpackbits(data[4 * self.B:], count=self.d)
         for b in range(self.B):
             a, e = int(self.offsets[b]), int(self.offsets[b + 1])
