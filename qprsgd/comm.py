@@ -139,6 +139,14 @@ class Comm:
         self.mpi.Gather(a, out, root=root)
         return out
 
+    def local_size(self) -> int:
+        """How many ranks of this group share this rank's node (``COMM_TYPE_SHARED``)."""
+        node = self.mpi.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        try:
+            return node.Get_size()
+        finally:
+            node.Free()
+
     def barrier(self) -> None:
         self.mpi.Barrier()
 

@@ -67,6 +67,8 @@ class TrainConfig(_Strict):
 class RunConfig(_Strict):
     name: str = Field("run", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$", description="names the results folder")
     threads: int = Field(1, ge=1, description="torch threads per rank")
+    codec_threads: Optional[int] = Field(
+        None, ge=1, description="codec kernel threads per rank; default: cores on the node / ranks on the node")
     device: Literal["cpu", "cuda"] = Field("cpu", description="cuda: one GPU per rank, by local rank")
     server: Literal["rank0", "dedicated"] = Field(
         "rank0", description="parameter server / centre placement: rank 0 doubles as server, or one extra rank")

@@ -42,9 +42,9 @@ class TimedCodec:
         self.payload_bits += int(p.nbits)
         return p
 
-    def decode(self, data):
+    def decode(self, data, out=None):
         t = time.perf_counter()
-        out = self._codec.decode(data)
+        out = self._codec.decode(data, out=out)
         self.seconds += time.perf_counter() - t
         return out
 
@@ -216,6 +216,10 @@ def build(cfg: Config, world, out_dir: str) -> Experiment:
     roles = roles_for(cfg, comm.size)
     rank = comm.rank
     torch.set_num_threads(cfg.run.threads)
+    # codec kernels (numba) run this many threads; by default the node's cores are shared out
+    # between the ranks on the node, so codec threads do not oversubscribe them
+    ct = cfg.run.codec_threads or max(1, (os.cpu_count() or 1) // comm.local_size())
+    os.environ["QPRSGD_CODEC_THREADS"] = str(ct)
 
     # comm groups: a sub-communicator of the workers (None on a dedicated server)
     wc = comm.split(0 if rank in roles.workers else -1)
