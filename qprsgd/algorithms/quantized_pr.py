@@ -85,10 +85,12 @@ class PRSGD(Algorithm):
 
 def _mean_decoded(codec, payloads, d: int) -> np.ndarray:
     """(1/M) Σ_j decode(payload_j): decoded in rank order 0..M−1, summed in that order in float32,
-    then divided by M, so every worker computes the identical vector."""
+    then divided by M, so every worker computes the identical vector.  Each payload is decoded
+    into one reused scratch buffer (``decode(p, out=buf)``): no fresh d-vector per payload."""
     acc = np.zeros(d, dtype=np.float32)
+    buf = np.empty(d, dtype=np.float32)
     for p in payloads:
-        acc += np.asarray(codec.decode(p), dtype=np.float32)
+        acc += codec.decode(p, out=buf)
     acc /= np.float32(len(payloads))
     return acc
 
