@@ -12,6 +12,17 @@ Criterion (PASS/FAIL):
 Speed-ups vs PSGD and PR-SGD at each bandwidth are printed (paper: up to 6.7x and 3.2x).
 
     python scripts/repro_r3.py [--ranks 8] [--epochs 6] [--out results/r3] [--reuse]
+
+Measured (``--netem RATE``, e.g. ``--netem 20Mbps``): PSGD, PR-SGD (K = 4) and Q-PR-SGD (K = 4)
+each run under ``qprsgd netem`` (one namespace per rank, tbf-shaped links at RATE, no added
+latency) on ``--ranks`` (default 4) for ``--epochs`` (default 1 with --netem, ~22 steps); each
+log is re-timed at RATE (shared NIC, goodput x 1448/1514, alpha = 0) by the helpers of
+scripts/repro_dcd_fig3.py.  Criterion: the measured ordering of time per step equals the
+modelled one, Q-PR-SGD is the fastest measured, and measured/modelled time per step is within
+[1/1.3, 1.3] per algorithm.  (Time per step, not time to accuracy: a few dozen steps do not
+reach a meaningful target; per-step time is what the network changes.)
+
+    python scripts/repro_r3.py --netem 20Mbps [--ranks 4] [--epochs 1] [--out results/r3_netem]
 """
 from __future__ import annotations
 
@@ -35,14 +46,55 @@ def spec(ranks: int, epochs: float) -> dict:
                                    {"name": "qpr_sgd", "K": 4}]}}
 
 
+def main_netem(a) -> int:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import repro_dcd_fig3 as fig3
+    from qprsgd import netem
+    why = netem.available()
+    if why is not None:
+        print(f"--netem: cannot build the network here: {why}")
+        return 3
+    rate = nw.parse_bandwidth(a.netem)
+    s = spec(a.ranks, a.epochs)
+    s["name"] = "r3_netem"
+    s["grid"]["algorithm"] = [{"name": "psgd"}, {"name": "pr_sgd", "K": 4}, {"name": "qpr_sgd", "K": 4}]
+    runs = sw.expand(s)
+    bad = [r for r in runs if r.error]
+    if bad:
+        for r in bad:
+            print(f"{r.name}: {r.error}")
+        return 2
+    sw.prepare(s, runs, a.out)
+    if not a.reuse and fig3.run_netem(runs, a.netem):
+        print("FAIL: a run failed (see its stdout.log)")
+        return 1
+    loaded = {report._algorithm(r["log"]): r for r in report.load_runs(a.out)}
+    algs = [("psgd", "PSGD"), ("pr_sgd", "PR-SGD (K=4)"), ("qpr_sgd", "Q-PR-SGD (K=4)")]
+    ok, res, order_m = fig3.netem_report(loaded, algs, rate, f"R3, {a.ranks} ranks")
+    c3 = order_m[0] == "qpr_sgd"
+    print(f"criterion: Q-PR-SGD fastest measured at {nw.format_bandwidth(rate)}: {'PASS' if c3 else 'FAIL'}")
+    for base, nm in algs[:2]:
+        print(f"speed-up of Q-PR-SGD vs {nm}: measured {res[base]['meas'] / res['qpr_sgd']['meas']:.2f}x, "
+              f"modelled {res[base]['model'] / res['qpr_sgd']['model']:.2f}x")
+    ok = ok and c3
+    print(f"R3 (measured, netem {nw.format_bandwidth(rate)}):", "PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ranks", type=int, default=8)
-    ap.add_argument("--epochs", type=float, default=6)
-    ap.add_argument("--out", default="results/r3")
+    ap.add_argument("--ranks", type=int, default=None, help="default 8 (modelled), 4 (--netem)")
+    ap.add_argument("--epochs", type=float, default=None, help="default 6 (modelled), 1 (--netem)")
+    ap.add_argument("--out", default=None, help="default results/r3 (results/r3_netem with --netem)")
     ap.add_argument("--target", type=float, default=None)
     ap.add_argument("--reuse", action="store_true", help="keep finished runs")
+    ap.add_argument("--netem", default=None, metavar="RATE",
+                    help="run for real under qprsgd netem at this link rate (e.g. 20Mbps) and compare with the model")
     a = ap.parse_args()
+    if a.netem is not None:
+        a.ranks, a.epochs, a.out = a.ranks or 4, a.epochs or 1, a.out or "results/r3_netem"
+        return main_netem(a)
+    a.ranks, a.epochs, a.out = a.ranks or 8, a.epochs or 6, a.out or "results/r3"
     s = spec(a.ranks, a.epochs)
     runs = sw.expand(s)
     bad = [r for r in runs if r.error]
