@@ -264,9 +264,9 @@ def run(n: int, rate_bps: float, run_argv: list[str], latency_s: float = 0.0,
 # -- CLI ----------------------------------------------------------------------------------------
 def add_parser(sub) -> None:
     p = sub.add_parser("netem", help="run under a real shaped network: one namespace per rank, tbf-shaped links")
-    p.add_argument("config")
-    p.add_argument("-n", "--ranks", type=int, required=True, help="number of ranks (namespaces)")
-    p.add_argument("--rate", required=True, help="link rate each way, e.g. 5Mbps, 100Mbit")
+    p.add_argument("config", nargs="?", help="the run's config (not needed with --check)")
+    p.add_argument("-n", "--ranks", type=int, default=None, help="number of ranks (namespaces)")
+    p.add_argument("--rate", default=None, help="link rate each way, e.g. 5Mbps, 100Mbit")
     p.add_argument("--latency", default="0", help="round-trip latency (needs the kernel's netem qdisc)")
     p.add_argument("--out", default=None, help="run folder (passed to qprsgd run)")
     p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
@@ -279,6 +279,11 @@ def main(args) -> int:
     if args.check:
         print("netem: available" if why is None else f"netem: unavailable: {why}")
         return 0 if why is None else 1
+    missing = [n for n, v in (("CONFIG", args.config), ("-n/--ranks", args.ranks), ("--rate", args.rate))
+               if v is None]
+    if missing:
+        print(f"qprsgd netem: {', '.join(missing)} required (unless --check)", file=sys.stderr)
+        return 2
     if why is not None:
         print(f"qprsgd netem: cannot build the network here: {why}", file=sys.stderr)
         return 3
