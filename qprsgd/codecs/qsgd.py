@@ -355,6 +355,16 @@ class _QSGDBase(Codec):
             raise CodecError(f"{self.name}: norm is {norm!r} (must be finite and >= 0)")
         return data, norm
 
+    def _emit(self, norm, codes, lens) -> Payload:
+        """Payload = float32 norm, then the codes (``lens`` bits each) MSB-first, zero-padded."""
+        xp = self.xp
+        nbits = 32 + int(lens.sum())
+        words = bs.new_words(xp, nbits)
+        bs.pack(xp, words, 32, codes, lens)
+        data = bs.words_to_bytes(xp, words, nbits)
+        data[:4] = xp.asarray(np.frombuffer(np.float32(norm).astype("<f4").tobytes(), np.uint8))
+        return Payload(data, nbits)
+
     def _finish(self, words, nbytes, end):
         """Check the end of the parse against the buffer: no extension, zero padding."""
         if 8 * nbytes - end >= 8:
@@ -397,12 +407,7 @@ class QSGD(_QSGDBase):
         n = bs.gamma_len_n(xp, k)
         lens = 2 * n + 2
         codes = k | (neg.astype(xp.uint64) << (2 * n + 1).astype(xp.uint64))
-        nbits = 32 + int(lens.sum())
-        words = bs.new_words(xp, nbits)
-        bs.pack(xp, words, 32, codes, lens)
-        data = bs.words_to_bytes(xp, words, nbits)
-        data[:4] = xp.asarray(np.frombuffer(np.float32(norm).astype("<f4").tobytes(), np.uint8))
-        return Payload(data, nbits)
+        return self._emit(norm, codes, lens)
 
     def decode_levels(self, data):
         """(norm, zeta, negative) read from a payload, validated."""
@@ -520,12 +525,7 @@ class QSGDRunLength(_QSGDBase):
         codes[1::2] = gap
         lens[2::2] = 2 * nz + 2
         codes[2::2] = z | (neg[idx].astype(xp.uint64) << (2 * nz + 1).astype(xp.uint64))
-        nbits = 32 + int(lens.sum())
-        words = bs.new_words(xp, nbits)
-        bs.pack(xp, words, 32, codes, lens)
-        data = bs.words_to_bytes(xp, words, nbits)
-        data[:4] = xp.asarray(np.frombuffer(np.float32(norm).astype("<f4").tobytes(), np.uint8))
-        return Payload(data, nbits)
+        return self._emit(norm, codes, lens)
 
     def decode_levels(self, data):
         xp = self.xp
