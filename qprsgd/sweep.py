@@ -273,6 +273,24 @@ def run_command(r: Run, mpiexec: Optional[str] = None) -> list[str]:
             os.path.join(r.folder, "config.yaml"), "--out", r.folder]
 
 
+def run_plan(spec: dict, out: str, force: bool = False) -> int:
+    """Expand, validate, prepare and run a sweep locally (the reproduction scripts' path).
+
+    Returns 0 when every run finished, 2 when a run is invalid (each printed with its reason),
+    1 when a run failed."""
+    runs = expand(spec)
+    bad = [r for r in runs if r.error]
+    for r in bad:
+        print(f"{r.name}: {r.error}")
+    if bad:
+        return 2
+    prepare(spec, runs, out)
+    if run_local(runs, out, force=force):
+        print("FAIL: a run failed (see its stdout.log)")
+        return 1
+    return 0
+
+
 def run_local(runs: list[Run], out: str, timeout: Optional[float] = None, force: bool = False,
               mpiexec: Optional[str] = None) -> int:
     """Run each valid run one after another; returns the number of failed runs."""

@@ -180,17 +180,9 @@ def main() -> int:
         return main_netem(a)
     a.ranks = a.ranks or 8
     a.out = a.out or "results/dcd_fig3"
-    s = spec(a.ranks, a.epochs)
-    runs = sw.expand(s)
-    bad = [r for r in runs if r.error]
-    if bad:
-        for r in bad:
-            print(f"{r.name}: {r.error}")
-        return 2
-    sw.prepare(s, runs, a.out)
-    if sw.run_local(runs, a.out, force=not a.reuse):
-        print("FAIL: a run failed (see its stdout.log)")
-        return 1
+    rc = sw.run_plan(spec(a.ranks, a.epochs), a.out, force=not a.reuse)
+    if rc:
+        return rc
     loaded = {report._algorithm(r["log"]): r for r in report.load_runs(a.out)}
 
     def epoch_time(alg, bw, lat):

@@ -98,17 +98,9 @@ def main() -> int:
         a.ranks, a.epochs, a.out = a.ranks or 4, a.epochs or 1, a.out or "results/r3_netem"
         return main_netem(a)
     a.ranks, a.epochs, a.out = a.ranks or 8, a.epochs or 6, a.out or "results/r3"
-    s = spec(a.ranks, a.epochs)
-    runs = sw.expand(s)
-    bad = [r for r in runs if r.error]
-    if bad:
-        for r in bad:
-            print(f"{r.name}: {r.error}")
-        return 2
-    sw.prepare(s, runs, a.out)
-    if sw.run_local(runs, a.out, force=not a.reuse):
-        print("FAIL: a run failed (see its stdout.log)")
-        return 1
+    rc = sw.run_plan(spec(a.ranks, a.epochs), a.out, force=not a.reuse)
+    if rc:
+        return rc
     loaded = report.load_runs(a.out)
     target = report.choose_target(loaded, a.target)
     nets = [nw.Network.simple(b, LAT) for b in BWS]
