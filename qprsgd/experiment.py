@@ -261,7 +261,9 @@ def build(cfg: Config, world, out_dir: str) -> Experiment:
     codec = None
     if cfg.codec is not None:
         centry = CODECS.get(cfg.codec.name)
-        codec = TimedCodec(centry.factory(flat.d, flat.blocks, **cfg.codec.kwargs()))
+        raw = centry.factory(flat.d, flat.blocks, **cfg.codec.kwargs())
+        raw.warmup()  # JIT compile / cache load now, not in step 0's t_codec
+        codec = TimedCodec(raw)
     env = Env(
         comm=comm, d=flat.d, workers=roles.workers, server=roles.server, worker_comm=wc,
         codec=codec, rng=np.random.default_rng([cfg.seed, 1, rank]),

@@ -410,3 +410,16 @@ def test_runlength_smaller_when_sparse():
     assert r.nbits < 0.5 * q.nbits
     full = make("qsgd", d).encode(v, np.random.default_rng(0))
     assert 3.2 < full.nbits / d < 3.4  # Gaussian at s = sqrt(d): ~3.29 bits/element (R1)
+
+
+@pytest.mark.parametrize("name,params", ALL)
+def test_warmup_leaves_the_codec_unchanged(name, params):
+    """experiment.build calls warmup() before the first step; it must not change what the run sends."""
+    d = 257
+    x = vectors(d)["gauss"]
+    cold = make(name, d, **params)
+    warm = make(name, d, **params)
+    warm.warmup()
+    a, b = cold.encode(x, np.random.default_rng(7)), warm.encode(x, np.random.default_rng(7))
+    assert a.nbits == b.nbits and a.data.tobytes() == b.data.tobytes()
+    assert np.array_equal(cold.decode(a.data), warm.decode(b.data))
