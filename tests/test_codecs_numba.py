@@ -296,3 +296,33 @@ def test_warmup_compiles_the_kernels():
     env = {k: v for k, v in os.environ.items() if k != "QPRSGD_NO_NUMBA"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr
+
+
+def test_parallel_kernels_leave_torch_threads_alone():
+    """A multi-threaded codec call must not change torch's intra-op thread count (numba's OpenMP
+    layer did: torch.set_num_threads(1) became 2 after the first qsgd encode, and ranks sharing a
+    node then oversubscribed it).  Fresh interpreter: the threading layer is chosen at first use."""
+    code = (
+        "import os\n"
+        "os.environ['QPRSGD_CODEC_THREADS'] = '2'\n"
+        "import numpy as np, torch, numba\n"
+        "torch.set_num_threads(1)\n"
+        "from qprsgd.registry import CODECS\n"
+        "for name in ('qsgd', 'block_sign'):\n"
+        "    c = CODECS.get(name).factory(1 << 20, None, xp=np)\n"
+        "    p = c.encode(np.linspace(-1, 1, 1 << 20, dtype=np.float32), np.random.default_rng(0))\n"
+        "    c.decode(p.data)\n"
+        "    assert c._nt() == 2, c._nt()\n"
+        "assert torch.get_num_threads() == 1, torch.get_num_threads()\n"
+        "print(numba.threading_layer())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("QPRSGD_NO_NUMBA", "NUMBA_THREADING_LAYER")}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "workqueue", r.stdout + r.stderr
+
+
+def test_parallel_context_sets_and_restores_threads():
+    import numba
+    before = numba.get_num_threads()
+    with nk.parallel(1):
+        assert numba.get_num_threads() == 1
+    assert numba.get_num_threads() == before

@@ -28,6 +28,7 @@ decoder advances at least 2 bits per record and stops at the first error, so it 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -45,6 +46,16 @@ except Exception:  # pragma: no cover - numba is an install requirement; numpy i
     HAVE_NUMBA = False
 
 USE_NUMBA = os.environ.get("QPRSGD_NO_NUMBA", "") != "1"
+
+# numba's threading layer: ``workqueue`` unless the user names one (env NUMBA_THREADING_LAYER).
+# The default choice on these wheels is OpenMP, and launching an OpenMP region from the main
+# thread sets the process's OpenMP thread count, which torch's intra-op pool shares: after the
+# first codec call a rank configured with ``run.threads: 1`` computed on all cores' worth of
+# threads (torch.get_num_threads() went 1 -> 2), and 8 ranks on 2 cores computed 20x slower.
+# workqueue is numba's own pool (no OpenMP state) and was as fast here for these one-segment-per-
+# thread kernels (qsgd B* 10.0 vs 9.8 Gb/s, block_sign 110 vs 128 Gb/s, 2 threads, noise-level).
+if HAVE_NUMBA and "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
 
 ERR_OK = 0
 ERR_BADCODE = 1      # impossible code length (leading-zero run too long) at bit info
@@ -591,6 +602,25 @@ if HAVE_NUMBA:
 # (the fallback when neither TBB nor OpenMP loads) aborts the process on concurrent launches,
 # and a codec may be used from several Python threads at once.
 PAR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def parallel(nt: int):
+    """Hold :data:`PAR_LOCK` and run the ``parallel=True`` kernels called inside on ``nt`` threads.
+
+    Without the ``set_num_threads``, a region launches numba's whole pool (``NUMBA_NUM_THREADS``,
+    the machine's core count) whatever ``prange`` covers, and with the OpenMP layer the idle pool
+    threads busy-wait after the region: with 8 ranks on 2 cores and one codec thread each, that
+    made every rank's torch compute 20x slower (0.15 s vs 0.007 s per step, R3's MLP).  A
+    one-thread region wakes no pool thread.  ``set_num_threads`` is per calling thread, and the
+    previous value is restored."""
+    with PAR_LOCK:
+        prev = numba.get_num_threads()
+        numba.set_num_threads(max(1, min(int(nt), numba.config.NUMBA_NUM_THREADS)))
+        try:
+            yield
+        finally:
+            numba.set_num_threads(prev)
 
 _M128 = (1 << 128) - 1
 _M64 = (1 << 64) - 1

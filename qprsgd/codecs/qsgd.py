@@ -198,7 +198,7 @@ class _QSGDBase(Codec):
         scratch = self._buf("ws", int(soff[-1]) + 1, np.uint64)
         segbits = np.zeros(nt, dtype=np.int64)
         wstate = np.zeros((nt, 3), dtype=np.uint64)
-        with _nk.PAR_LOCK:
+        with _nk.parallel(nt):
             _nk.qsgd_encode_par(x, bounds, states, mode, c, np.float32(self.s), norm_be, words,
                                 scratch, soff, segbits, wstate)
         nbits = _nk.qsgd_append(words, scratch, soff, segbits, wstate)
@@ -231,7 +231,7 @@ class _QSGDBase(Codec):
         tmp = self._buf("dtmp", int(toff[-1]) + 1, np.float32)
         res = np.zeros((nt, 4), dtype=np.int64)
         starts = np.zeros((nt, K), dtype=np.int64)
-        with _nk.PAR_LOCK:
+        with _nk.parallel(nt):
             _nk.qsgd_decode_par(words, end, d, self.nmax, self.s, tab, nsc, float(self.s), out,
                                 tmp, bounds, toff, res, starts, *self._fast())
         n0, p, st0, zl0 = (int(v) for v in res[0])
@@ -259,7 +259,7 @@ class _QSGDBase(Codec):
                 return self._nb_decode_serial(words, end, tab, nsc, out, p, i, zbad)
             if t == nt - 1 and c != d - i:
                 return self._nb_decode_serial(words, end, tab, nsc, out, p, i, zbad)
-            with _nk.PAR_LOCK:
+            with _nk.parallel(nt):
                 _nk.pcopy(src, out[i:i + c], nt)
             i += c
             p = pe

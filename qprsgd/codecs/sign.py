@@ -122,10 +122,11 @@ class BlockSign(Codec):
     def _nb_encode(self, x):
         x = np.ascontiguousarray(x)
         data = np.empty(self.nbytes, dtype=np.uint8)
-        tb, _ = self._plan(self._nt())
+        nt = self._nt()
+        tb, _ = self._plan(nt)
         acc8 = np.empty((self.B, 8), dtype=np.float64)
         sums = np.empty(self.B, dtype=np.float64)
-        with _nk.PAR_LOCK:
+        with _nk.parallel(nt):
             _nk.block_sign_encode(x, self.offsets, tb, acc8, sums, data[4 * self.B:])
         with np.errstate(over="ignore", invalid="ignore"):
             sc = (sums / self._sizes).astype(np.float32)
@@ -155,8 +156,9 @@ class BlockSign(Codec):
         ou = out.view(xp.uint32)
         su = sc.astype(np.float32).view(np.uint32)
         if self.backend == "numba":
-            _, bounds = self._plan(self._nt())
-            with _nk.PAR_LOCK:
+            nt = self._nt()
+            _, bounds = self._plan(nt)
+            with _nk.parallel(nt):
                 _nk.block_sign_decode(np.ascontiguousarray(data[4 * self.B:]), self.offsets, su,
                                       bounds, ou)
             return out
