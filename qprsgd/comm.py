@@ -17,9 +17,17 @@ rank) is the network model's job (qprsgd/network.py), from these message sizes.
 
 Measured choice: ``Allreduce`` of float buffers uses the buffer interface in place
 (``MPI.IN_PLACE``), which avoids one of MPICH's two temporary copies.
+
+Waiting: by default a rank waits inside MPI (``Waitall``, blocking ``Allreduce``), which
+busy-polls.  With ``poll_sleep`` > 0 (constructor, or env ``QPRSGD_MPI_POLL_SLEEP`` in seconds)
+the data-moving calls post non-blocking requests and test them every ``poll_sleep`` seconds,
+sleeping between tests.  ``qprsgd netem`` sets it (2e-4): there all ranks and the kernel's shaped
+network stack share a few cores, and four ranks spinning on two cores starved the TCP/tbf path
+(measured comm 1.28-1.38x the rate's model, see docs/network.md).  On a real cluster leave it 0.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import defaultdict
@@ -86,10 +94,28 @@ def _u8(data) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+POLL_ENV = "QPRSGD_MPI_POLL_SLEEP"
+
+
+def poll_sleep_from_env() -> float:
+    """Seconds between request tests from env ``QPRSGD_MPI_POLL_SLEEP`` (default 0: block in MPI)."""
+    v = os.environ.get(POLL_ENV, "0") or "0"
+    try:
+        f = float(v)
+    except ValueError:
+        raise ValueError(f"{POLL_ENV} must be a number of seconds >= 0, got {v!r}") from None
+    if not (f >= 0.0 and f < 1.0):
+        raise ValueError(f"{POLL_ENV} must be in [0, 1) seconds, got {v!r}")
+    return f
+
+
 class Comm:
     """Transport for one group of ranks.  See the module docstring for what is counted."""
 
-    def __init__(self, mpi_comm):
+    def __init__(self, mpi_comm, poll_sleep: Optional[float] = None):
+        if poll_sleep is not None and not (0.0 <= float(poll_sleep) < 1.0):
+            raise ValueError(f"poll_sleep must be in [0, 1) seconds, got {poll_sleep!r}")
+        self.poll_sleep = poll_sleep_from_env() if poll_sleep is None else float(poll_sleep)
         self.mpi = mpi_comm
         self.rank = mpi_comm.Get_rank()
         self.size = mpi_comm.Get_size()
@@ -102,6 +128,13 @@ class Comm:
     def _count(self, channel: str, nbytes: int, messages: int = 1) -> None:
         self.bytes_sent[channel] += int(nbytes)
         self.messages_sent[channel] += int(messages)
+
+    def _waitall(self, reqs) -> None:
+        if self.poll_sleep <= 0.0:
+            MPI.Request.Waitall(reqs)
+            return
+        while not MPI.Request.Testall(reqs):
+            time.sleep(self.poll_sleep)
 
     def total_bytes(self) -> int:
         return int(sum(self.bytes_sent.values()))
@@ -153,7 +186,7 @@ class Comm:
     def split(self, color: int, key: Optional[int] = None) -> "Comm":
         """``Comm_Split``: ranks with the same color form a sub-group (color < 0: none)."""
         c = self.mpi.Split(MPI.UNDEFINED if color < 0 else color, self.rank if key is None else key)
-        return Comm(c) if c != MPI.COMM_NULL else None
+        return Comm(c, self.poll_sleep) if c != MPI.COMM_NULL else None
 
     # -- float buffers ---------------------------------------------------------------------
     def allreduce_mean(self, buf: np.ndarray, channel: str = "allreduce", count: bool = True) -> np.ndarray:
@@ -165,7 +198,10 @@ class Comm:
             raise ValueError("allreduce_mean needs a contiguous buffer")
         t = time.perf_counter()
         if self.size > 1:
-            self.mpi.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            if self.poll_sleep > 0.0:
+                self._waitall([self.mpi.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)])
+            else:
+                self.mpi.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
             if count:
                 self._count(channel, buf.nbytes)
         buf /= self.size
@@ -192,7 +228,7 @@ class Comm:
         reqs = [self.mpi.Irecv(parts[j], source=j, tag=tag) for j in range(self.size) if j != self.rank]
         reqs += [self.mpi.Isend(data, dest=j, tag=tag) for j in range(self.size) if j != self.rank]
         parts[self.rank][...] = data
-        MPI.Request.Waitall(reqs)
+        self._waitall(reqs)
         if self.size > 1:
             self._count(channel, data.nbytes)
         self.seconds += time.perf_counter() - t
@@ -213,7 +249,11 @@ class Comm:
         for j in sources:
             if j == self.rank:
                 continue
-            self.mpi.Probe(source=j, tag=tag, status=status)
+            if self.poll_sleep > 0.0:
+                while not self.mpi.Iprobe(source=j, tag=tag, status=status):
+                    time.sleep(self.poll_sleep)
+            else:
+                self.mpi.Probe(source=j, tag=tag, status=status)
             buf = np.empty(status.Get_count(MPI.BYTE), dtype=np.uint8)
             self.mpi.Recv(buf, source=j, tag=tag)
             out[j] = buf
@@ -233,7 +273,7 @@ class Comm:
         def finish():
             t0 = time.perf_counter()
             got = self._recv_from(neighbors, tag)
-            MPI.Request.Waitall(sends)
+            self._waitall(sends)
             self.seconds += time.perf_counter() - t0
             return got
 
@@ -265,7 +305,7 @@ class Comm:
 
         def finish():
             t0 = time.perf_counter()
-            MPI.Request.Waitall(reqs)
+            self._waitall(reqs)
             keep.clear()
             self.seconds += time.perf_counter() - t0
             return bufs
@@ -293,7 +333,7 @@ class Comm:
             result = {j: result[j] for j in srcs}
         elif self.rank in srcs:
             req = self._post_sends(_u8(data), [root], tag, channel)
-            MPI.Request.Waitall(req)
+            self._waitall(req)
         self.seconds += time.perf_counter() - t
         return result
 
@@ -309,7 +349,7 @@ class Comm:
             for j in dsts:
                 if j != root:
                     reqs += self._post_sends(_u8(payloads[j]), [j], tag, channel)
-            MPI.Request.Waitall(reqs)
+            self._waitall(reqs)
             if root in dsts:
                 got = _u8(payloads[root]).copy()
         elif self.rank in dsts:

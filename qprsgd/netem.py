@@ -43,6 +43,11 @@ from .network import TCP_GOODPUT, format_bandwidth, parse_bandwidth, parse_laten
 
 SUBNET = "10.77.0"
 PREFIX = "qpn-"
+# tbf queue bound (the qdisc's ``latency``: a packet waits at most this long).  Tried 20 ms (a
+# switch-like buffer, so the ACKs a NIC sends do not wait behind its own data): raw TCP ring flows
+# at 20 Mb/s tightened from 1.03-1.29x to 1.03-1.05x the rate's time, but the 4-rank MPI runs of
+# repro_dcd_fig3 stayed at 1.31-1.39x and drops added 2.6 s retransmission-timeout rows; kept 2 s.
+QUEUE_MS = 2000
 
 
 def _ip(*args, ns: Optional[str] = None, check: bool = True) -> subprocess.CompletedProcess:
@@ -105,10 +110,10 @@ class Fabric:
             _ip("tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "netem",
                 "delay", f"{self.latency * 1e6 / 2:.0f}us", ns=ns)  # half each way on this hop
             _ip("tc", "qdisc", "add", "dev", dev, "parent", "1:1", "handle", "10:", "tbf",
-                "rate", rate, "burst", str(burst), "latency", "2s", ns=ns)
+                "rate", rate, "burst", str(burst), "latency", f"{QUEUE_MS}ms", ns=ns)
         else:
             _ip("tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", rate, "burst", str(burst),
-                "latency", "2s", ns=ns)
+                "latency", f"{QUEUE_MS}ms", ns=ns)
 
     def open(self) -> "Fabric":
         _ip("ip", "netns", "add", self.switch)
@@ -177,6 +182,9 @@ def mpi_env(base: Optional[dict] = None) -> dict:
     env.update({"MPIR_CVAR_NOLOCAL": "1", "MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "tcp",
                 "FI_TCP_IFACE": "eth0", "PYTHONUNBUFFERED": "1"})
     env.setdefault("OMP_NUM_THREADS", "1")
+    # ranks test their requests and sleep instead of spinning inside MPI, so the shaped kernel
+    # path (veth, bridge, tbf, TCP) gets the CPU it needs (qprsgd/comm.py, docs/network.md)
+    env.setdefault("QPRSGD_MPI_POLL_SLEEP", "2e-4")
     return env
 
 
