@@ -269,6 +269,40 @@ def run(n: int, rate_bps: float, run_argv: list[str], latency_s: float = 0.0,
                 print(f"netem: teardown: {p}", file=sys.stderr, flush=True)
 
 
+def calibrate(n: int, rate_bps: float, nbytes: int = 2 << 20, reps: int = 3, flows: int = 1,
+              timeout: float = 300.0) -> dict:
+    """Measure what a fabric of n ranks at ``rate_bps`` delivers to concurrent MPI flows.
+
+    Runs :mod:`qprsgd.netem_probe` in a fresh fabric: a ring where every rank sends ``nbytes`` to
+    its next neighbour (``flows=1``) or to both neighbours (``flows=2``) while receiving as much,
+    and returns ``{"seconds": measured, "model": flows * nbytes * 8 / (rate * TCP_GOODPUT),
+    "factor": seconds / model}``.  ``factor`` is the stretch this host puts on shaped transfers
+    when every NIC is busy at once; the reproduction scripts print it beside their netem runs (on
+    the 2-core machine of docs/network.md, 4 ranks at 20 Mb/s: 1.05-1.16 with one flow per NIC,
+    1.40 with two).
+    Raises RuntimeError naming the command if the probe fails."""
+    fabric = Fabric(n, rate_bps)
+    atexit.register(fabric.close)
+    try:
+        fabric.open()
+        cmd = mpiexec_command(fabric, [sys.executable, "-m", "qprsgd.netem_probe", str(int(nbytes)),
+                                       str(int(reps)), str(int(flows))])
+        env = mpi_env()
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        line = [ln for ln in p.stdout.splitlines() if ln.startswith("ring_seconds ")]
+        if p.returncode != 0 or not line:
+            raise RuntimeError(f"netem ring probe failed (rc {p.returncode}): {' '.join(cmd)}\n{p.stdout}{p.stderr}")
+        sec = float(line[0].split()[1])
+    finally:
+        fabric.close()
+        atexit.unregister(fabric.close)
+    model = flows * nbytes * 8.0 / (rate_bps * TCP_GOODPUT)
+    return {"seconds": sec, "model": model, "factor": sec / model, "ranks": n, "rate_bps": rate_bps,
+            "nbytes": int(nbytes), "reps": int(reps), "flows": int(flows)}
+
+
 # -- CLI ----------------------------------------------------------------------------------------
 def add_parser(sub) -> None:
     p = sub.add_parser("netem", help="run under a real shaped network: one namespace per rank, tbf-shaped links")

@@ -131,6 +131,15 @@ def netem_report(loaded: dict, algs: list, rate_bps: float, title: str) -> tuple
     ratios = ", ".join(f"{names[k]} {res[k]['ratio']:.2f}" for k in res)
     print(f"criterion: measured/model per algorithm in [{1 / NETEM_TOL:.2f}, {NETEM_TOL:.2f}] ({ratios}): "
           f"{'PASS' if c2 else 'FAIL'}")
+    try:
+        from qprsgd import netem
+        n = int(next(iter(loaded.values()))["log"]["attrs"].get("world_size", 4))
+        probes = [netem.calibrate(n, rate_bps, flows=f) for f in ((1, 2) if n >= 3 else (1,))]
+        print("diagnostic: the bare fabric (qprsgd.netem.calibrate, 2 MiB per flow, no training): "
+              + "; ".join(f"{p['flows']} flow(s) out + in per NIC take {p['factor']:.2f}x the rate's time"
+                          for p in probes))
+    except Exception as e:  # a diagnostic only: report and go on
+        print(f"diagnostic: fabric probe not run: {e}")
     return c1 and c2, res, order_m
 
 
