@@ -1,6 +1,7 @@
 import gzip
 import os
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -282,3 +283,24 @@ def test_batchstream_epochs_and_resume():
         BatchStream(23, 5, seed=4, rank=2).load_state_dict(state)
     with pytest.raises(ValueError):
         BatchStream(4, 5)
+
+
+def test_digits_written_as_cifar_load_back_exactly(tmp_path):
+    """scripts/digits_as_cifar.py: the cifar10 loader reads back the digits split, every 8x8
+    pixel v as a 4x4 block of v*255//16 in all three planes, labels unchanged."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "digits_as_cifar", Path(__file__).resolve().parent.parent / "scripts" / "digits_as_cifar.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.write(str(tmp_path))
+    from qprsgd.datasets import cifar10, digits
+    c = cifar10(str(tmp_path), normalize="none")
+    g = digits()
+    assert c.x_train.shape == (len(g.y_train), 3, 32, 32) and c.x_test.shape == (len(g.y_test), 3, 32, 32)
+    assert np.array_equal(c.y_train, g.y_train) and np.array_equal(c.y_test, g.y_test)
+    for cx, gx in ((c.x_train, g.x_train), (c.x_test, g.x_test)):
+        v = np.rint(gx[:, 0] * 16).astype(np.int64) * 255 // 16                 # (N, 8, 8) bytes
+        want = np.repeat(np.repeat(v, 4, axis=1), 4, axis=2).astype(np.float32) * np.float32(1.0 / 255.0)
+        for ch in range(3):
+            assert np.array_equal(cx[:, ch], want)
