@@ -188,6 +188,14 @@ def mpi_env(base: Optional[dict] = None) -> dict:
     return env
 
 
+def _rank_env() -> dict:
+    """:func:`mpi_env` plus this checkout on PYTHONPATH, for ranks started inside the namespaces."""
+    env = mpi_env()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
 def mpiexec_command(fabric: Fabric, argv: list[str], mpiexec: Optional[str] = None) -> list[str]:
     """``mpiexec -n 1 ip netns exec NS0 ARGV : -n 1 ip netns exec NS1 ARGV : ...``."""
     if mpiexec is None:
@@ -231,9 +239,7 @@ def run(n: int, rate_bps: float, run_argv: list[str], latency_s: float = 0.0,
         try:
             fabric.open()
             cmd = mpiexec_command(fabric, argv)
-            env = mpi_env()
-            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-            env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+            env = _rank_env()
             print(f"netem: {n} ranks in {fabric.names[0]}..{fabric.names[-1]}, "
                   f"links {format_bandwidth(rate_bps)} (tbf) each way"
                   + (f", {latency_s * 1e3:g} ms RTT" if latency_s else ""), flush=True)
@@ -287,9 +293,7 @@ def calibrate(n: int, rate_bps: float, nbytes: int = 2 << 20, reps: int = 3, flo
         fabric.open()
         cmd = mpiexec_command(fabric, [sys.executable, "-m", "qprsgd.netem_probe", str(int(nbytes)),
                                        str(int(reps)), str(int(flows))])
-        env = mpi_env()
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        env = _rank_env()
         p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         line = [ln for ln in p.stdout.splitlines() if ln.startswith("ring_seconds ")]
         if p.returncode != 0 or not line:
