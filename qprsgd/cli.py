@@ -1,8 +1,9 @@
 """Command line: ``qprsgd run | topo | ...``.
 
-``qprsgd run CONFIG [--out DIR] [--set key.path=value ...] [--resume]`` -- validated on rank 0
-before any rank does work; a bad config prints one message (naming the key, the value and
-what is allowed) and every rank exits with code 2.
+``qprsgd run CONFIG [--out DIR] [--set key.path=value ...] [--resume] [--workers M]`` -- validated
+before any worker does work (on rank 0 under MPI); a bad config prints one message (naming the
+key, the value and what is allowed) and every rank exits with code 2.  With ``--workers M`` (or
+``run.workers: M``) the run is in-process: M workers in this one process, no MPI at all.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config value (YAML syntax), repeatable")
     r.add_argument("--resume", action="store_true",
                    help="continue from the run folder's last checkpoint (newest matching folder if no --out)")
+    r.add_argument("--workers", type=int, default=None, metavar="M",
+                   help="run M workers inside this one process (no mpiexec; overrides run.workers)")
     t = sub.add_parser("topo", help="print the mixing matrix's neighbours, rho, mu, zeta and pre-flight checks")
     t.add_argument("config")
     t.add_argument("-n", "--workers", type=int, default=None, help="number of workers M (default: from mpiexec)")
@@ -63,11 +66,25 @@ def _find_resume(name: str) -> str:
     return max(cands, key=os.path.getmtime)
 
 
+# variables by which MPI launchers (hydra, Open MPI, PMIx, SLURM's srun) announce a job
+_LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS",
+                  "SLURM_STEP_NUM_TASKS")
+
+
+def _under_launcher() -> bool:
+    """Was this process started by an MPI launcher (mpiexec, mpirun, srun)?"""
+    return any(v in os.environ for v in _LAUNCHER_VARS)
+
+
 def _prepare(args, world_size: int) -> dict:
     """Rank 0: validate everything that can be validated before work starts."""
     from . import config
     from .experiment import preflight
     cfg = config.load(args.config, args.set)
+    if cfg.run.workers is not None and world_size > 1:
+        raise ValueError(f"run.workers: {cfg.run.workers} runs every worker in one process, but this job "
+                         f"has {world_size} MPI ranks; remove run.workers (one rank per worker) or start "
+                         f"it without mpiexec/srun")
     preflight(cfg, world_size)
     if args.resume:
         out = args.out or _find_resume(cfg.run.name)
@@ -83,6 +100,30 @@ def _prepare(args, world_size: int) -> dict:
 
 
 def cmd_run(args) -> int:
+    if args.workers is not None and args.workers < 1:
+        print(f"qprsgd: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+        return EXIT_CONFIG
+    if not _under_launcher():
+        # one process: decide the backend here, without MPI
+        from . import config
+        try:
+            cfg = config.load(args.config, args.set)
+        except (config.ConfigError, ValueError, OSError) as e:
+            print(f"qprsgd: {e}", file=sys.stderr, flush=True)
+            return EXIT_CONFIG
+        M = args.workers if args.workers is not None else cfg.run.workers
+        if M is not None:
+            return cmd_run_inprocess(args, M)
+    elif args.workers is not None:
+        if os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")) == "0":
+            print("qprsgd: --workers runs every worker in one process; start it without mpiexec/srun",
+                  file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    return cmd_run_mpi(args)
+
+
+def cmd_run_mpi(args) -> int:
+    """One MPI rank per worker (mpiexec / srun)."""
     import yaml
     from . import config
     from .comm import Comm, install_abort_on_error, world
@@ -100,34 +141,61 @@ def cmd_run(args) -> int:
             print(f"qprsgd: {verdict['error']}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     install_abort_on_error(w)
-    return _run(config.validate(yaml.safe_load(verdict["yaml"])), w, verdict["out"], args.resume)
+    cfg = config.validate(yaml.safe_load(verdict["yaml"]))
+    return _run(cfg, Comm(w, timeout=cfg.run.timeout), verdict["out"], args.resume)
 
 
-def _run(cfg, w, out: str, resume: bool) -> int:
+def cmd_run_inprocess(args, M: int) -> int:
+    """M workers in this process (qprsgd.inprocess): same build, loop, logging; no MPI."""
+    import yaml
+    from . import config
+    from .experiment import load_data
+    from .inprocess import WorkerFailed, run_workers
+    try:
+        verdict = _prepare(args, M)
+    except (config.ConfigError, ValueError) as e:
+        print(f"qprsgd: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    cfg = config.validate(yaml.safe_load(verdict["yaml"]))
+    data = load_data(cfg)   # one copy, shared by the workers
+    try:
+        run_workers(M, lambda t: _run(cfg, t, verdict["out"], args.resume, data=data, backend="inprocess"),
+                    timeout=cfg.run.timeout)
+    except WorkerFailed as e:
+        sys.stdout.flush()
+        if e.tb:
+            sys.stderr.write(e.tb)
+        print(f"qprsgd: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def _run(cfg, comm, out: str, resume: bool, data=None, backend: str = "mpi") -> int:
+    """Train on this worker; ``comm`` is its world transport (MPI or in-process)."""
     from . import checkpoint as ckpt
     from .experiment import build, run_attrs
     from .logger import Logger
     from .worker import Loop
-    rank = w.Get_rank()
+    rank = comm.rank
     if rank == 0:
         os.makedirs(out, exist_ok=True)
-    w.Barrier()
-    exp = build(cfg, w, out)
+    comm.barrier()
+    exp = build(cfg, comm, out, data=data, backend=backend)
     path = os.path.join(out, "run.h5")
     info = ckpt.latest(out) if resume else None
-    if info is not None and int(info.get("world_size", -1)) != w.Get_size():
+    if info is not None and int(info.get("world_size", -1)) != comm.size:
         raise ValueError(f"--resume: checkpoint was written by {info.get('world_size')} ranks, "
-                         f"this job has {w.Get_size()}")
+                         f"this job has {comm.size}")
     logger = None
     if rank == 0:
         if info is None:
             with open(os.path.join(out, "config.yaml"), "w") as f:
                 f.write(cfg.to_yaml())
-            logger = Logger(path, attrs=run_attrs(cfg, exp), world_size=w.Get_size())
+            logger = Logger(path, attrs=run_attrs(cfg, exp), world_size=comm.size)
             if exp.topology is not None:
                 _log_topology(logger, exp.topology)
         else:
-            logger = Logger(path, world_size=w.Get_size(), resume_rows=info["rows"])
+            logger = Logger(path, world_size=comm.size, resume_rows=info["rows"])
             print(f"resuming {out} from step {info['step']}", flush=True)
     loop = Loop(exp, logger)
     if info is not None:
@@ -156,8 +224,7 @@ def cmd_topo(args) -> int:
         cfg = config.load(args.config, args.set)
         M = args.workers
         if M is None:
-            from .comm import world
-            M = roles_for(cfg, world().Get_size()).M
+            M = roles_for(cfg, int(os.environ.get("PMI_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", "1")))).M
         if cfg.topology is None:
             raise ValueError(f"algorithm {cfg.algorithm.name!r} uses no topology")
         topo = build_topology(cfg, M)

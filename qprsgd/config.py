@@ -73,6 +73,13 @@ class RunConfig(_Strict):
     server: Literal["rank0", "dedicated"] = Field(
         "rank0", description="parameter server / centre placement: rank 0 doubles as server, or one extra rank")
     progress: bool = Field(True, description="progress line on rank 0 at each evaluation")
+    workers: Optional[int] = Field(
+        None, ge=1, le=4096,
+        description="run in one process with this many workers (the world size, as mpiexec -n); "
+                    "null: one MPI rank per worker")
+    timeout: float = Field(
+        600.0, gt=0, le=86400, allow_inf_nan=False,
+        description="seconds any wait for other workers may last before the run aborts naming them")
 
 
 class DataConfig(_Strict):

@@ -1,4 +1,11 @@
-"""Build everything once: roles, comm groups, topology, model, data shard, codec, algorithm, logger.
+"""Build everything once: roles, transport groups, topology, model, data shard, codec, algorithm.
+
+The entry point hands :func:`build` this worker's world transport (MPI's ``comm.Comm`` under
+mpiexec, ``inprocess.LocalTransport`` for ``qprsgd run --workers M``); everything below is the
+same for both.  Groups: the workers' group (``env.worker_comm``) and the groups the algorithm
+declares (``Algorithm.comm_groups``, e.g. hierarchical averaging's) are split here, never by an
+algorithm.  Counting: the world transport's :class:`~qprsgd.transport.Ledger` is the run's one
+ledger on this worker: every group split from it and the codec wrapper report into it.
 
 Roles.  With M = world size, every rank is a worker.  An algorithm with a server role
 (``needs_server``) and ``run.server: dedicated`` uses the last rank as the server and the
@@ -22,30 +29,36 @@ import torch
 
 from . import __version__
 from .algorithms.base import Algorithm, Env
-from .comm import Comm
 from .config import Config
 from .registry import ALGORITHMS, CODECS, DATASETS, MODELS, TOPOLOGIES
+from .transport import Ledger
 
 
 class TimedCodec:
-    """Wraps a codec: accumulates encode/decode seconds and the unpadded bits encoded."""
+    """Wraps a codec: encode/decode seconds and the unpadded bits encoded go to the ledger."""
 
-    def __init__(self, codec):
+    def __init__(self, codec, ledger: Ledger):
         self._codec = codec
-        self.seconds = 0.0
-        self.payload_bits = 0
+        self.ledger = ledger
+
+    @property
+    def seconds(self) -> float:
+        return self.ledger.codec_seconds
+
+    @property
+    def payload_bits(self) -> int:
+        return self.ledger.payload_bits
 
     def encode(self, x, rng=None):
         t = time.perf_counter()
         p = self._codec.encode(x, rng)
-        self.seconds += time.perf_counter() - t
-        self.payload_bits += int(p.nbits)
+        self.ledger.add_codec(time.perf_counter() - t, int(p.nbits))
         return p
 
     def decode(self, data, out=None):
         t = time.perf_counter()
         out = self._codec.decode(data, out=out)
-        self.seconds += time.perf_counter() - t
+        self.ledger.add_codec(time.perf_counter() - t)
         return out
 
     def __getattr__(self, name):
@@ -164,7 +177,7 @@ def preflight(cfg: Config, world_size: int) -> None:
 @dataclass
 class Experiment:
     cfg: Config
-    comm: Comm
+    comm: Any            # this worker's world transport (qprsgd.transport.TransportBase)
     roles: Roles
     module: Any
     flat: Any
@@ -180,6 +193,11 @@ class Experiment:
     out_dir: str
     loss_name: str
     mirror: HostMirror
+    backend: str = "mpi"
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.comm.ledger
 
     @property
     def is_worker(self) -> bool:
@@ -210,24 +228,41 @@ def schedule_lengths(train, n_train: int, M: int) -> tuple[int, int]:
     return spe, max(1, int(round(train.epochs * spe)))
 
 
-def build(cfg: Config, world, out_dir: str) -> Experiment:
-    """Build an experiment on this rank.  ``world`` is an mpi4py communicator."""
-    comm = Comm(world)
+def load_data(cfg: Config):
+    """The configured dataset (every worker's shard is cut from it; in-process workers share it)."""
+    return DATASETS.get(cfg.data.name).factory(cfg.data.data_dir, **dict(cfg.data.params))
+
+
+def build(cfg: Config, comm, out_dir: str, data=None, backend: str = "mpi") -> Experiment:
+    """Build an experiment on this worker.  ``comm`` is its world transport (see the module
+    docstring); ``data`` a dataset already loaded (in-process workers share one), else loaded."""
+    if backend not in ("mpi", "inprocess"):
+        raise ValueError(f"backend must be 'mpi' or 'inprocess', got {backend!r}")
     roles = roles_for(cfg, comm.size)
     rank = comm.rank
-    torch.set_num_threads(cfg.run.threads)
-    # codec kernels (numba) run this many threads; by default the node's cores are shared out
-    # between the ranks on the node, so codec threads do not oversubscribe them
-    ct = cfg.run.codec_threads or max(1, (os.cpu_count() or 1) // comm.local_size())
+    if backend == "mpi":
+        torch.set_num_threads(cfg.run.threads)
+        # codec kernels (numba) run this many threads; by default the node's cores are shared out
+        # between the ranks on the node, so codec threads do not oversubscribe them
+        ct = cfg.run.codec_threads or max(1, (os.cpu_count() or 1) // comm.local_size())
+    else:
+        # in-process: the workers are the parallelism; one torch thread, one codec thread each
+        # unless run.codec_threads says otherwise (docs/architecture.md)
+        torch.set_num_threads(1)
+        ct = cfg.run.codec_threads or 1
     os.environ["QPRSGD_CODEC_THREADS"] = str(ct)
 
-    # comm groups: a sub-communicator of the workers (None on a dedicated server)
+    # groups: the workers' (None on a dedicated server), then those the algorithm declares
     wc = comm.split(0 if rank in roles.workers else -1)
+    topo = build_topology(cfg, roles.M)
+    cls = ALGORITHMS.get(cfg.algorithm.name).factory
+    groups = tuple(comm.split(0 if rank in members else -1)
+                   for members in cls.comm_groups(topo, roles.workers, roles.server))
 
     # data: every worker loads the dataset and keeps its shard (the partition is identical everywhere)
     from .datasets import BatchStream, shard
-    dentry = DATASETS.get(cfg.data.name)
-    data = dentry.factory(cfg.data.data_dir, **dict(cfg.data.params))
+    if data is None:
+        data = load_data(cfg)
     M = roles.M
     if rank in roles.workers:
         i = roles.workers.index(rank)
@@ -255,25 +290,23 @@ def build(cfg: Config, world, out_dir: str) -> Experiment:
     mirror = HostMirror(flat)
     loss_name = getattr(module, "loss_name", "cross_entropy")
 
-    topo = build_topology(cfg, M)
-
-    cls = ALGORITHMS.get(cfg.algorithm.name).factory
     codec = None
     if cfg.codec is not None:
         centry = CODECS.get(cfg.codec.name)
         raw = centry.factory(flat.d, flat.blocks, **cfg.codec.kwargs())
         raw.warmup()  # JIT compile / cache load now, not in step 0's t_codec
-        codec = TimedCodec(raw)
+        codec = TimedCodec(raw, comm.ledger)
     env = Env(
         comm=comm, d=flat.d, workers=roles.workers, server=roles.server, worker_comm=wc,
         codec=codec, rng=np.random.default_rng([cfg.seed, 1, rank]),
         W=None if topo is None else topo.W, blocks=tuple(flat.blocks),
         weight_decay=cfg.train.weight_decay,
         extra={} if topo is None else {"topology": topo},
+        groups=groups,
     )
     algo = cls(mirror.x, env, **cfg.algorithm.kwargs())
     return Experiment(cfg, comm, roles, module, flat, data, train_idx, test_idx, stream, codec, algo,
-                      topo, steps_per_epoch, total_steps, out_dir, loss_name, mirror)
+                      topo, steps_per_epoch, total_steps, out_dir, loss_name, mirror, backend)
 
 
 def run_attrs(cfg: Config, exp: Experiment) -> dict:
@@ -282,6 +315,7 @@ def run_attrs(cfg: Config, exp: Experiment) -> dict:
         "version": __version__,
         "git_commit": git_commit(),
         "world_size": exp.comm.size,
+        "backend": exp.backend,
         "workers": np.asarray(exp.roles.workers, dtype=np.int64),
         "server": -1 if exp.roles.server is None else exp.roles.server,
         "algorithm": cfg.algorithm.name,

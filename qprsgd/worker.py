@@ -40,47 +40,27 @@ class Loop:
         self._reset_row()
         self.last_eval: Optional[dict] = None
 
-    # -- accounting --------------------------------------------------------------------------
+    # -- accounting (the ledger is the only source of bytes and seconds) ------------------------
     def _reset_row(self):
         self.row_loss = 0.0
         self.row_loss_n = 0
         self.row_compute = 0.0
         self.row_step = 0.0
         self.row_steps = 0
-        e = self.exp
-        self.row_comm0 = e.comm.seconds + (e.algorithm.env.worker_comm.seconds if e.algorithm.env.worker_comm else 0.0)
-        self.row_codec0 = e.codec.seconds if e.codec is not None else 0.0
-
-    def _comm_seconds(self):
-        e = self.exp
-        wc = e.algorithm.env.worker_comm
-        return e.comm.seconds + (wc.seconds if wc is not None and wc is not e.comm else 0.0)
+        led = self.exp.ledger
+        self.row_comm0 = led.comm_seconds
+        self.row_codec0 = led.codec_seconds
 
     def _bytes(self):
-        """(total, up, down, messages) handed to MPI by this rank, all comms."""
-        e = self.exp
-        comms = [e.comm] + ([e.algorithm.env.worker_comm] if e.algorithm.env.worker_comm is not None else [])
-        tot = up = down = msgs = 0
-        for c in comms:
-            for ch, b in c.bytes_sent.items():
-                tot += b
-                up += b if ch == "up" else 0
-                down += b if ch == "down" else 0
-            msgs += sum(c.messages_sent.values())
-        return tot, up, down, msgs
+        """(total, up, down, messages) handed to the transport by this worker."""
+        led = self.exp.ledger
+        return (led.total_bytes(), led.bytes.get("up", 0), led.bytes.get("down", 0),
+                led.total_messages())
 
     def _channels(self):
-        """Per-channel (bytes, messages) of this rank, in logger.CHANNELS order."""
-        e = self.exp
-        comms = [e.comm] + ([e.algorithm.env.worker_comm] if e.algorithm.env.worker_comm is not None else [])
-        b = dict.fromkeys(CHANNELS, 0)
-        m = dict.fromkeys(CHANNELS, 0)
-        for c in comms:
-            for ch, v in c.bytes_sent.items():
-                b[ch if ch in b else "other"] += v
-            for ch, v in c.messages_sent.items():
-                m[ch if ch in m else "other"] += v
-        return [b[k] for k in CHANNELS] + [m[k] for k in CHANNELS]
+        """Per-channel bytes then messages of this worker, in logger.CHANNELS order."""
+        b, m = self.exp.ledger.channel_rows(CHANNELS)
+        return b + m
 
     # -- gradient oracle ---------------------------------------------------------------------
     def make_grad(self):
@@ -129,9 +109,7 @@ class Loop:
         if e.is_worker:
             x = e.mirror.x.astype(np.float64)
             xbar = x.copy()
-            s0 = wc.seconds
-            wc.allreduce_mean(xbar, count=False)
-            wc.seconds = s0  # measurement traffic: neither counted in bytes nor in t_comm
+            wc.allreduce_mean(xbar, count=False)  # measurement traffic: neither bytes nor t_comm
             cons_local = float(np.sum((x - xbar) ** 2))
             nb = float(np.sum(xbar ** 2))
         else:
@@ -152,16 +130,11 @@ class Loop:
             arrays["alg/" + k] = v
         for k, v in e.flat.buffers_state().items():
             arrays["buf/" + k] = v
-        comms = {"world": e.comm}
-        if e.algorithm.env.worker_comm is not None:
-            comms["workers"] = e.algorithm.env.worker_comm
         meta = {
             "t": self.t,
             "rng_alg": ckpt.rng_state(e.algorithm.env.rng),
             "stream": e.stream.state_dict() if e.stream is not None else None,
-            "comm": {k: {"bytes": dict(c.bytes_sent), "messages": dict(c.messages_sent), "seconds": c.seconds}
-                     for k, c in comms.items()},
-            "codec": None if e.codec is None else {"seconds": e.codec.seconds, "payload_bits": e.codec.payload_bits},
+            "ledger": e.ledger.state_dict(),
             "wall": self.wall_offset + elapsed,
         }
         ckpt.save_rank(e.out_dir, e.comm.rank, self.t, arrays, meta)
@@ -180,18 +153,10 @@ class Loop:
         ckpt.set_rng_state(e.algorithm.env.rng, meta["rng_alg"])
         if e.stream is not None:
             e.stream.load_state_dict(meta["stream"])
-        comms = {"world": e.comm}
-        if e.algorithm.env.worker_comm is not None:
-            comms["workers"] = e.algorithm.env.worker_comm
-        for k, c in comms.items():
-            c.bytes_sent.clear()
-            c.bytes_sent.update(meta["comm"][k]["bytes"])
-            c.messages_sent.clear()
-            c.messages_sent.update(meta["comm"][k]["messages"])
-            c.seconds = meta["comm"][k]["seconds"]
-        if e.codec is not None:
-            e.codec.seconds = meta["codec"]["seconds"]
-            e.codec.payload_bits = meta["codec"]["payload_bits"]
+        if "ledger" not in meta:
+            raise ValueError("checkpoint predates the run ledger (written by an older qprsgd): "
+                             "start the run again without --resume")
+        e.ledger.load_state_dict(meta["ledger"])
         self.t = int(meta["t"])
         self.wall_offset = float(meta["wall"])
         self._reset_row()
@@ -200,16 +165,17 @@ class Loop:
     def _log_row(self, lr: float, elapsed: float):
         e = self.exp
         tot, up, down, msgs = self._bytes()
-        pbits = e.codec.payload_bits if e.codec is not None else 0
+        led = e.ledger
+        pbits = led.payload_bits
         sums = e.comm.allreduce_scalars([self.row_loss, self.row_loss_n, tot, up, down, msgs, pbits]
                                         + self._channels())
         nch = len(CHANNELS)
         ch_bytes = sums[7:7 + nch].astype(np.int64)
         ch_msgs = sums[7 + nch:].astype(np.int64)
-        t_comm = self._comm_seconds() - self.row_comm0
+        t_comm = led.comm_seconds - self.row_comm0
         # one MAX reduction gives the maxima and, through negation, the minimum of comm time
         maxes = e.comm.allreduce_scalars(
-            [self.row_compute, (e.codec.seconds if e.codec else 0.0) - self.row_codec0,
+            [self.row_compute, led.codec_seconds - self.row_codec0,
              t_comm, self.row_step, -t_comm], op="max")
         comm_min = -maxes[4]
         per_rank = e.comm.gather_rows([msgs, tot])

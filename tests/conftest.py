@@ -1,6 +1,11 @@
-"""Shared test helpers: running real MPI jobs under mpiexec with a timeout."""
+"""Shared test helpers: runs in-process (``qprsgd run --workers N`` inside this pytest process:
+no torch import per worker) by default, or real MPI jobs under mpiexec with a timeout
+(``mpi=True``: for what only MPI can show -- aborts, launch, the MPI transport itself, and
+in-process-equals-MPI)."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -47,22 +52,44 @@ def write_config(path: Path, cfg: dict) -> Path:
     return path
 
 
+def inprocess(n: int, args: list[str], check: bool = True):
+    """``qprsgd <args> --workers n`` in this process (n worker threads); (rc, stdout, stderr)."""
+    from qprsgd.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args] + ["--workers", str(n)])
+    if check and rc != 0:
+        pytest.fail(f"qprsgd {' '.join(map(str, args))} --workers {n} exited {rc}\n"
+                    f"stdout:\n{out.getvalue()}\nstderr:\n{err.getvalue()}")
+    return rc, out.getvalue(), err.getvalue()
+
+
 def run_qprsgd(n: int, cfg: dict, tmp_path: Path, name: str = "run", extra=(), timeout: float = 180,
-               check: bool = True):
-    """Write cfg, run ``qprsgd run`` on n ranks into tmp_path/name; return (rc, out, err, h5 path)."""
+               check: bool = True, mpi: bool = False):
+    """Write cfg, run ``qprsgd run`` on n workers into tmp_path/name (in-process, or n MPI
+    ranks with ``mpi=True``); return (rc, out, err, h5 path)."""
     cfg_path = write_config(tmp_path / f"{name}.yaml", cfg)
     out_dir = tmp_path / name
-    rc, out, err = mpirun(n, ["-m", "qprsgd.cli", "run", str(cfg_path), "--out", str(out_dir), *extra],
-                          timeout=timeout, check=check)
+    args = ["run", str(cfg_path), "--out", str(out_dir), *extra]
+    if mpi:
+        rc, out, err = mpirun(n, ["-m", "qprsgd.cli", *args], timeout=timeout, check=check)
+    else:
+        rc, out, err = inprocess(n, args, check=check)
     return rc, out, err, out_dir / "run.h5"
 
 
-def run_many(n: int, cfgs: dict, tmp_path: Path, timeout: float = 240) -> dict:
-    """Run several configs in one mpiexec job; returns {name: path of run.h5}."""
+def run_many(n: int, cfgs: dict, tmp_path: Path, timeout: float = 240, mpi: bool = False) -> dict:
+    """Run several configs on n workers: in-process one after another, or (``mpi=True``) in one
+    mpiexec job (torch imported once per rank); returns {name: path of run.h5}."""
     specs = []
     for name, cfg in cfgs.items():
         specs.append(f"{name}={write_config(tmp_path / f'{name}.yaml', cfg)}")
-    mpirun(n, [str(ROOT / "tests" / "mpi_runs.py"), str(tmp_path)] + specs, timeout=timeout)
+    if mpi:
+        mpirun(n, [str(ROOT / "tests" / "mpi_runs.py"), str(tmp_path)] + specs, timeout=timeout)
+    else:
+        for spec in specs:
+            name, path = spec.split("=", 1)
+            inprocess(n, ["run", path, "--out", str(tmp_path / name)])
     return {name: tmp_path / name / "run.h5" for name in cfgs}
 
 

@@ -1,5 +1,6 @@
-"""Kill-and-resume harness: SIGKILL a real mpiexec job after its first checkpoint, resume it,
-and compare with an uninterrupted run of the same config."""
+"""Kill-and-resume harness: SIGKILL a real job after its first checkpoint, resume it, and
+compare with an uninterrupted run of the same config.  The job is an mpiexec job
+(``mpi=True``) or one ``qprsgd run --workers n`` process (in-process backend)."""
 from __future__ import annotations
 
 import json
@@ -17,9 +18,16 @@ from conftest import MPIEXEC, ROOT, final_params, mpi_env, mpirun, write_config
 from qprsgd.logger import read
 
 
-def kill_after_checkpoint(n: int, cfg_path: Path, out_dir: Path, min_step: int, timeout: float = 120) -> int:
+def _cmd(n: int, args: list, mpi: bool) -> list:
+    if mpi:
+        return [MPIEXEC, "-n", str(n), sys.executable, "-m", "qprsgd.cli", *map(str, args)]
+    return [sys.executable, "-m", "qprsgd.cli", *map(str, args), "--workers", str(n)]
+
+
+def kill_after_checkpoint(n: int, cfg_path: Path, out_dir: Path, min_step: int, timeout: float = 120,
+                          mpi: bool = True) -> int:
     """Start ``qprsgd run``; SIGKILL the whole job once a checkpoint at step >= min_step exists."""
-    cmd = [MPIEXEC, "-n", str(n), sys.executable, "-m", "qprsgd.cli", "run", str(cfg_path), "--out", str(out_dir)]
+    cmd = _cmd(n, ["run", cfg_path, "--out", out_dir], mpi)
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=mpi_env(), cwd=ROOT,
                          start_new_session=True)
     latest = out_dir / "checkpoint" / "latest.json"
@@ -46,16 +54,23 @@ def kill_after_checkpoint(n: int, cfg_path: Path, out_dir: Path, min_step: int, 
             p.wait()
 
 
-def check_kill_resume(n: int, cfg: dict, tmp_path: Path, name: str, reference_h5: Path, min_step: int):
+def check_kill_resume(n: int, cfg: dict, tmp_path: Path, name: str, reference_h5: Path, min_step: int,
+                      mpi: bool = False):
     """Kill a run after a checkpoint, check its log is readable, resume; final params and the
     logged bits/steps must equal the uninterrupted reference run bit for bit."""
     cfg_path = write_config(tmp_path / f"{name}-killed.yaml", cfg)
     out_dir = tmp_path / f"{name}-killed"
-    step = kill_after_checkpoint(n, cfg_path, out_dir, min_step)
+    step = kill_after_checkpoint(n, cfg_path, out_dir, min_step, mpi=mpi)
     partial = read(str(out_dir / "run.h5"))  # readable after SIGKILL
     assert "final" not in partial
     assert len(partial["metrics"]["step"]) >= 1
-    mpirun(n, ["-m", "qprsgd.cli", "run", str(cfg_path), "--out", str(out_dir), "--resume"], timeout=180)
+    args = ["run", cfg_path, "--out", out_dir, "--resume"]
+    if mpi:
+        mpirun(n, ["-m", "qprsgd.cli", *map(str, args)], timeout=180)
+    else:
+        p = subprocess.run(_cmd(n, args, False), capture_output=True, text=True, env=mpi_env(), cwd=ROOT,
+                           timeout=180)
+        assert p.returncode == 0, p.stderr[-3000:]
     got, ref = read(str(out_dir / "run.h5")), read(str(reference_h5))
     np.testing.assert_array_equal(got["final"]["params"], ref["final"]["params"])
     for k in ("step", "bits_sent", "bits_up", "bits_down", "messages", "rounds", "train_loss"):

@@ -14,9 +14,6 @@ blockSGDM/SGDM through a parameter server, signSGD and signum with majority vote
 """
 from __future__ import annotations
 
-import queue
-import threading
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -26,6 +23,7 @@ from conftest import final_params, run_many
 from qprsgd.algorithms.base import Env
 from qprsgd.algorithms.dist_ef import (EFSGD, SGDM, DistEFBlockSGD, DistEFBlockSGDM, DistEFSGD, DistEFSGDM,
                                        SignSGDMV, SignumMV, majority_vote, pack_signs, unpack_signs)
+from qprsgd.inprocess import LocalCluster, LocalTransport
 from qprsgd.logger import read
 from qprsgd.registry import ALGORITHMS, CODECS
 from reference import Oracles, rel_err
@@ -38,76 +36,8 @@ def need_codec(*names):
 
 
 # =============================================================================================
-# a threaded in-process stand-in for Comm (invariant and state tests only)
+# the real in-process transport, stepped one step at a time (invariant and state tests)
 # =============================================================================================
-class Hub:
-    def __init__(self, size):
-        self.size = size
-        self.boxes = defaultdict(queue.Queue)
-        self.lock = threading.Lock()
-        self.log = []          # (channel, src, dst, bytes) of every message that "crossed"
-
-    def clear_log(self):
-        with self.lock:
-            self.log = []
-
-
-class FakeComm:
-    def __init__(self, hub, rank):
-        self.hub, self.rank, self.size = hub, rank, hub.size
-        self.bytes_sent = defaultdict(int)
-        self.messages_sent = defaultdict(int)
-        self.seconds = 0.0
-        self._tag = 0
-
-    def _next(self):
-        self._tag += 1
-        return self._tag
-
-    def _send(self, data, dst, tag, channel):
-        data = np.array(data, dtype=np.uint8, copy=True)
-        self.bytes_sent[channel] += data.nbytes
-        self.messages_sent[channel] += 1
-        with self.hub.lock:
-            self.hub.log.append((channel, self.rank, dst, data.copy()))
-        self.hub.boxes[(tag, self.rank, dst)].put(data)
-
-    def _recv(self, src, tag):
-        return self.hub.boxes[(tag, src, self.rank)].get(timeout=20)
-
-    def gather_bytes(self, data, root, sources=None, channel="up"):
-        srcs = list(range(self.size)) if sources is None else list(sources)
-        tag = self._next()
-        if self.rank == root:
-            return {j: (np.array(data, np.uint8, copy=True) if j == root else self._recv(j, tag)) for j in srcs}
-        if self.rank in srcs:
-            self._send(data, root, tag, channel)
-        return None
-
-    def broadcast_bytes(self, data, root, dests=None, channel="down"):
-        dsts = list(range(self.size)) if dests is None else list(dests)
-        tag = self._next()
-        if self.rank == root:
-            for j in dsts:
-                if j != root:
-                    self._send(data, j, tag, channel)
-            return np.array(data, np.uint8, copy=True) if root in dsts else None
-        if self.rank in dsts:
-            return self._recv(root, tag)
-        return None
-
-    def allreduce_mean(self, buf, channel="allreduce", count=True):
-        tag = self._next()
-        for j in range(self.size):
-            if j != self.rank:
-                self.hub.boxes[(tag, self.rank, j)].put(buf.copy())
-        acc = np.zeros_like(buf)
-        for j in range(self.size):
-            acc += buf if j == self.rank else self.hub.boxes[(tag, j, self.rank)].get(timeout=20)
-        buf[...] = acc / buf.dtype.type(self.size)
-        return buf
-
-
 D, BLOCKS = 61, (24, 30, 7)
 
 
@@ -121,16 +51,18 @@ def synthetic_grad(i, t, x):
 
 
 class Cluster:
-    """size ranks of one algorithm, each in its own thread per step, on a FakeComm hub."""
+    """size ranks of one algorithm on the in-process transport (``qprsgd.inprocess``), each rank
+    in its own thread per step; ``log`` lists the step's messages (channel, src, dst, payload)."""
 
     def __init__(self, cls, size, server, workers, codec_name=None, wd=0.0, codec_params=None, **params):
-        self.hub = Hub(size)
+        self.net = LocalCluster(size, timeout=30)
+        self.net.trace = []
         self.size, self.server, self.workers = size, server, tuple(workers)
         self.codec = CODECS.get(codec_name).factory(D, BLOCKS, **(codec_params or {})) if codec_name else None
         self.x0 = np.random.default_rng(5).standard_normal(D).astype(np.float32)
         self.algs, self.grads = [], {}
         for r in range(size):
-            env = Env(comm=FakeComm(self.hub, r), d=D, workers=self.workers, server=server,
+            env = Env(comm=LocalTransport(self.net, range(size), r), d=D, workers=self.workers, server=server,
                       worker_comm=None, codec=self.codec, rng=np.random.default_rng([9, 1, r]),
                       blocks=BLOCKS, weight_decay=wd)
             if r in self.workers and server is None:
@@ -147,11 +79,21 @@ class Cluster:
             return g
         return grad
 
+    @property
+    def log(self):
+        return self.net.trace
+
     def step(self, t, lr):
-        self.hub.clear_log()
+        self.net.trace.clear()
+
+        def one(r, a):
+            try:
+                a.step(t, lr, self.grad_fn(r, t) if r in self.workers else None)
+            except BaseException as e:
+                self.net.fail(r, e)      # the other ranks stop waiting at once
+                raise
         with ThreadPoolExecutor(self.size) as ex:
-            futs = [ex.submit(a.step, t, lr, self.grad_fn(r, t) if r in self.workers else None)
-                    for r, a in enumerate(self.algs)]
+            futs = [ex.submit(one, r, a) for r, a in enumerate(self.algs)]
             for f in futs:
                 f.result()
 
@@ -194,8 +136,8 @@ def test_error_feedback_and_virtual_sequence(alg, wd, layout):
         xt_virtual = x_t.astype(np.float64) - lr_prev * (es_prev.astype(np.float64) + e_prev.astype(np.float64).mean(0))
         cl.step(t, lr)
         r = np.float32(0.0) if t == 0 else np.float32(lr_prev / lr)
-        ups = {src: data for ch, src, dst, data in cl.hub.log if ch == "up"}
-        downs = [(dst, data) for ch, src, dst, data in cl.hub.log if ch == "down"]
+        ups = {src: data for ch, src, dst, data in cl.log if ch == "up"}
+        downs = [(dst, data) for ch, src, dst, data in cl.log if ch == "down"]
         Z, deltas = [], []
         for i, a in enumerate(W):
             g = cl.last_g[i]
@@ -335,7 +277,7 @@ def test_majority_vote_in_cluster(cls, layout):
         assert not np.any(vote == 0)           # odd M
         for a in cl.worker_algs():
             np.testing.assert_allclose((x_t - a.x) / np.float32(lr), vote, rtol=0, atol=1e-4)
-        for ch, src, dst, data in cl.hub.log:
+        for ch, src, dst, data in cl.log:
             assert data.nbytes == (D + 7) // 8
 
 

@@ -1,18 +1,16 @@
 """The gossip family (d_psgd, d_psgd_naive_q, dcd_psgd, ecd_psgd, dqpr_sgd).
 
 Two layers:
-* in-process: the real algorithm classes on M simulated workers (one thread each, a queue-backed
-  stand-in for ``Comm.ineighbor_exchange``) with a quadratic gradient, for invariants that need
-  every worker's state after every step (replicas, estimates, the average);
-* real ``mpiexec`` runs on 2, 4 and 8 ranks against single-process references written in
-  matrix form (rows = workers) over the runner's exact gradients and codec draws; replicas and
-  estimates are read back from every rank's checkpoint.
+* the real algorithm classes on M in-process workers (``qprsgd.inprocess``: one thread each, the
+  real transport) with a quadratic gradient, for invariants that need every worker's state after
+  every step (replicas, estimates, the average);
+* whole runs (``qprsgd run --workers N``, in-process) on 2, 4 and 8 workers against
+  single-process references written in matrix form (rows = workers) over the runner's exact
+  gradients and codec draws; replicas and estimates are read back from every worker's checkpoint.
+  That the in-process runs equal ``mpiexec`` runs is tests/test_inprocess.py's job.
 """
 from __future__ import annotations
 
-import queue
-import threading
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -25,93 +23,50 @@ from qprsgd import topology as T
 from qprsgd.algorithms.base import Env
 from qprsgd.algorithms.dcd_ecd import DCDPSGD, DPSGD, DPSGDNaiveQ, ECDPSGD
 from qprsgd.algorithms.quantized_pr_gossip import DQPRSGD
+from qprsgd.inprocess import run_workers
 from qprsgd.registry import CODECS
 
 EPS32 = float(np.finfo(np.float32).eps)
 
 
 # ============================================================================================
-# in-process harness
-
-
-class _Net:
-    def __init__(self, M):
-        self.q = {(a, b): queue.Queue() for a in range(M) for b in range(M)}
-
-
-class _Req:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def wait(self):
-        return self.fn()
-
-
-class FakeComm:
-    """What the gossip classes use of :class:`qprsgd.comm.Comm`: point-to-point exchange."""
-
-    def __init__(self, net, rank, size):
-        self.net, self.rank, self.size = net, rank, size
-        self.bytes_sent = defaultdict(int)
-
-    def ineighbor_exchange(self, data, neighbors, channel="peer"):
-        data = np.array(data, dtype=np.uint8, copy=True)
-        for j in neighbors:
-            if j != self.rank:
-                self.net.q[(self.rank, j)].put(data)
-                self.bytes_sent[channel] += data.nbytes
-        return _Req(lambda: {j: self.net.q[(j, self.rank)].get(timeout=30) for j in neighbors if j != self.rank})
-
-    def neighbor_exchange(self, data, neighbors, channel="peer"):
-        return self.ineighbor_exchange(data, neighbors, channel).wait()
+# in-process harness: the real algorithm classes on the real in-process transport
 
 
 def simulate(cls, topo, T_steps, lr=0.05, codec=None, codec_params=None, d=40, seed=0, **params):
-    """Run ``cls`` on topo.M threads for T_steps with g_i(x) = a_i ⊙ (x − c_i) + noise_i.
+    """Run ``cls`` on topo.M in-process workers (``qprsgd.inprocess``) for T_steps with
+    g_i(x) = a_i ⊙ (x − c_i) + noise_i.
 
     Returns (algs, X, G): the instances, X[t] (M x d) before step t (t = 0..T), G[t] the gradients.
     """
     M = topo.M
-    net = _Net(M)
     gen = np.random.default_rng(seed)
     A = gen.uniform(0.5, 2.0, (M, d)).astype(np.float32)
     Cc = gen.normal(0, 1, (M, d)).astype(np.float32)
     x0 = gen.normal(0, 1, d).astype(np.float32)
     X = np.zeros((T_steps + 1, M, d), np.float32)
     G = np.zeros((T_steps, M, d), np.float32)
-    algs = []
-    for i in range(M):
+    algs = [None] * M
+
+    def worker(tr):
+        i = tr.rank
         c = None
         if codec is not None:
             c = CODECS.get(codec).factory(d, (d,), **(codec_params or {}))
-        fc = FakeComm(net, i, M)
-        env = Env(comm=fc, d=d, workers=tuple(range(M)), worker_comm=fc, codec=c,
+        env = Env(comm=tr, d=d, workers=tuple(range(M)), worker_comm=tr, codec=c,
                   rng=np.random.default_rng([seed, 1, i]), W=topo.W, blocks=(d,), extra={"topology": topo})
-        algs.append(cls(x0.copy(), env, **params))
-    errors = []
+        alg = algs[i] = cls(x0.copy(), env, **params)
+        noise = np.random.default_rng([seed, 2, i])
+        X[0, i] = alg.x
+        for t in range(T_steps):
+            def grad(t=t):
+                g = A[i] * (alg.x - Cc[i]) + noise.normal(0, 0.1, d).astype(np.float32)
+                G[t, i] = g
+                return g
+            alg.step(t, lr, grad)
+            X[t + 1, i] = alg.x
 
-    def worker(i):
-        try:
-            noise = np.random.default_rng([seed, 2, i])
-            alg = algs[i]
-            X[0, i] = alg.x
-            for t in range(T_steps):
-                def grad(t=t):
-                    g = A[i] * (alg.x - Cc[i]) + noise.normal(0, 0.1, d).astype(np.float32)
-                    G[t, i] = g
-                    return g
-                alg.step(t, lr, grad)
-                X[t + 1, i] = alg.x
-        except Exception as e:  # reported below: a thread must not die silently
-            errors.append((i, repr(e)))
-            raise
-
-    th = [threading.Thread(target=worker, args=(i,)) for i in range(M)]
-    for h in th:
-        h.start()
-    for h in th:
-        h.join(60)
-    assert not errors, errors
+    run_workers(M, worker, timeout=60)
     return algs, X, G
 
 

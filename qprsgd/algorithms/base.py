@@ -4,8 +4,10 @@ An algorithm is one class whose ``step()`` reads like the paper's Algorithm box.
 ``x``, a float32 numpy view of the model's flat parameter buffer (writing into ``x`` updates
 the torch model), calls ``grad()`` at most once per step to get the stochastic gradient at the
 current ``x`` on this step's batch, and talks to other ranks only through ``env.comm`` (a
-:class:`qprsgd.comm.Comm`) with payloads produced by ``env.codec``.  It never imports mpi4py,
-h5py or cupy and never knows which codec it runs.
+:class:`Transport`: MPI's ``qprsgd.comm.Comm`` or the in-process ``qprsgd.inprocess``) with
+payloads produced by ``env.codec``.  It never imports mpi4py, h5py or cupy, never knows which
+transport or codec it runs, and never creates communicators: the groups it needs are declared
+by :meth:`Algorithm.comm_groups` (pure) and built by the experiment (``env.groups``).
 
 Roles.  ``env.workers`` are the world ranks that compute gradients (the paper's M workers);
 ``env.server`` is the rank of a parameter server / centre variable, or None.  A dedicated
@@ -15,29 +17,77 @@ unless the algorithm wants it, e.g. as the centre variable z) parameter buffer h
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import numpy as np
 
 from ..codecs.base import Codec
-from ..comm import Comm
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """What an algorithm may ask of the other workers (qprsgd/transport.py counts and times it).
+
+    Every rank of a group calls the same sequence of operations.  Ranks are ranks of this
+    group (0 .. size-1).  Payloads are 1-D uint8 arrays produced by a codec; float buffers are
+    contiguous numpy arrays.  Channels name the traffic in the ledger (``peer``, ``up``,
+    ``down``, ``allreduce``, ``allgather``).
+    """
+
+    rank: int
+    size: int
+
+    def allreduce_mean(self, buf: np.ndarray, channel: str = "allreduce", count: bool = True) -> np.ndarray:
+        """In place: buf ← (Σ over ranks of buf) / size."""
+
+    def allgather_bytes(self, data, channel: str = "allgather") -> list:
+        """Every rank's payload, in rank order."""
+
+    def ineighbor_exchange(self, data, neighbors: Sequence[int], channel: str = "peer"):
+        """Send ``data`` to each neighbour; ``.wait()`` gives ``{rank: payload}``."""
+
+    def neighbor_exchange(self, data, neighbors: Sequence[int], channel: str = "peer") -> dict:
+        """Blocking :meth:`ineighbor_exchange`."""
+
+    def isendrecv_bytes(self, sends: Mapping[int, np.ndarray], recvs: Mapping[int, int],
+                        channel: Union[str, Mapping[int, str]] = "peer"):
+        """A different payload per destination, exact sizes received; ``.wait()`` gives them."""
+
+    def gather_bytes(self, data, root: int, sources: Optional[Sequence[int]] = None,
+                     channel: str = "up") -> Optional[dict]:
+        """Payloads of ``sources`` at ``root`` (``{rank: payload}``); None elsewhere."""
+
+    def scatter_bytes(self, payloads: Optional[dict], root: int, dests: Optional[Sequence[int]] = None,
+                      channel: str = "down") -> Optional[np.ndarray]:
+        """``payloads[j]`` from ``root`` to each dest j."""
+
+    def broadcast_bytes(self, data, root: int, dests: Optional[Sequence[int]] = None,
+                        channel: str = "down") -> Optional[np.ndarray]:
+        """The same payload from ``root`` to each dest."""
+
+    def allreduce_scalars(self, values: Sequence[float], op: str = "sum") -> np.ndarray:
+        """Control traffic (not counted): float64 sum/max/min over ranks."""
+
+    def barrier(self) -> None:
+        """Control: every rank arrives."""
 
 
 @dataclass
 class Env:
     """The runtime an algorithm runs in (built once by the experiment)."""
 
-    comm: Comm                       # all processes of the run
+    comm: Transport                  # all processes of the run
     d: int                           # number of parameters
     workers: tuple                   # world ranks that compute gradients, ascending
     server: Optional[int] = None     # world rank of the server / centre, or None
-    worker_comm: Optional[Comm] = None   # sub-communicator of the workers (None on a dedicated server)
+    worker_comm: Optional[Transport] = None   # group of the workers (None on a dedicated server)
     codec: Optional[Codec] = None    # the configured compressor (may be None for uncompressed algorithms)
     rng: Optional[np.random.Generator] = None  # this rank's own generator for codec draws
     W: Optional[np.ndarray] = None   # mixing matrix over ``workers`` (+ auxiliary nodes), if any
     blocks: tuple = ()               # parameter-tensor sizes (block boundaries)
     weight_decay: float = 0.0
     extra: dict = field(default_factory=dict)  # topology extras (e.g. groups for hierarchical)
+    groups: tuple = ()               # transports of the groups ``comm_groups`` asked for (None where not a member)
 
     @property
     def rank(self) -> int:
@@ -80,6 +130,13 @@ class Algorithm:
         self.x = x
         self.env = env
         self.rounds = 0  # communication (synchronization) rounds completed
+
+    @classmethod
+    def comm_groups(cls, topology, workers: tuple, server: Optional[int]) -> list[tuple]:
+        """The sub-groups (tuples of world ranks) this algorithm needs beyond the world and the
+        workers' group; the experiment builds a transport for each (``env.groups``, same order).
+        Pure: decided from the topology and the roles alone.  Default: none."""
+        return []
 
     def step(self, t: int, lr: float, grad: Optional[GradFn]) -> None:  # pragma: no cover
         raise NotImplementedError

@@ -12,8 +12,10 @@ with W_k = W on averaging steps and W_k = I otherwise (eq. (7)).  Default rule (
 paper analyses and the only one for which A(1, J, 0) is fully synchronous SGD (ALGORITHMS.md,
 conventions).  Averaging phase (ALGORITHMS.md): ``avg_phase: end`` averages after 0-based steps
 τ−1, 2τ−1, … (the paper's k mod τ = 0 with k counted from 1), ``avg_phase: k0`` after steps
-0, τ, 2τ, ….  Node i's column mixes as x⁽ⁱ⁾ ← Σⱼ Wⱼᵢ yⱼ = Σⱼ Wᵢⱼ yⱼ (W symmetric), summed in
-ascending node order j in float32.
+0, τ, 2τ, ….  Node i's column mixes as x⁽ⁱ⁾ ← Σⱼ Wⱼᵢ yⱼ = Σⱼ Wᵢⱼ yⱼ (W symmetric), formed by
+the shared mixing component (``mixing``: ascending j, float64 accumulation, one rounding to
+float32) -- the same numerics as the gossip family, so ``d_pasgd`` with τ = 1 equals ``d_psgd``
+under the same rule bit for bit.
 
 Registry entries (one engine, thin entries; each checks its topology at build time):
 
@@ -33,12 +35,15 @@ layer's W_h): group g of n_g workers owns the auxiliary node a_g = M+g;
 W_h[i, a_g] = W_h[a_g, i] = 1/(n_g+1) for i ∈ g, W_h[i, i] = n_g/(n_g+1),
 W_h[a_g, a_h] = 1/q (g ≠ h), W_h[a_g, a_g] = 1 − n_g/(n_g+1) − (q−1)/q.  So on an averaging step a
 worker moves towards its group's node, a_g averages its group with the other groups' nodes, and
-nothing else moves.  a_g lives on the first (lowest) worker of g.  Transport runs over MPI
-sub-communicators (``Comm.Split``): one per group (the group's workers, a_g's host included:
-worker ↔ a_g traffic) and one of the q hosts of the a_g (a_g ↔ a_h traffic).
+nothing else moves.  a_g lives on the first (lowest) worker of g.  Transport runs over
+sub-groups that the experiment builds from :meth:`Cooperative.comm_groups`: one per group (the
+group's workers, a_g's host included: worker ↔ a_g traffic) and one of the q hosts of the a_g
+(a_g ↔ a_h traffic).
 
-Transport.  A rank sends a node's value only to ranks hosting a node j with Wᵢⱼ ≠ 0 (all posted
-at once with ``Comm.isendrecv_bytes``: Isend/Irecv), uncompressed float32.  Channels: ``up`` =
+Transport.  Without auxiliary nodes (v = 0) a worker mixes through ``mixing.NeighborMixer`` on
+the workers' group.  With auxiliary nodes, a rank sends a node's value only to ranks hosting a
+node j with Wᵢⱼ ≠ 0 (all posted at once with the transport's ``isendrecv_bytes``),
+uncompressed float32.  Channels: ``up`` =
 a worker's value going to a rank that uses it only for auxiliary nodes (worker → z), ``down`` =
 an auxiliary value going to a rank that uses it only for workers (z → worker), ``peer``
 otherwise.  ``pasgd`` on the ``allreduce`` topology (W = J) averages with one all-reduce on the
@@ -72,7 +77,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..registry import ALGORITHMS
 from .base import Algorithm
-from .quantized_pr import is_round_end
+from .mixing import NeighborMixer, combine
+from .quantized_pr import average_models, is_round_end
 
 
 class _Params(BaseModel):
@@ -172,13 +178,16 @@ class Cooperative(Algorithm):
         self.my_nodes = [i for i in range(n) if self.host[i] == me]
         self.my_worker = env.worker_index if env.is_worker else None
         self.my_aux = [a for a in self.my_nodes if a >= M]
-        # non-zero pattern of W (the mixing weights as float32 scalars, ascending j)
-        self._w = {i: [(j, np.float32(self.W[j, i])) for j in range(n) if self.W[j, i] != 0.0]
+        # non-zero pattern of W (ascending j), for the auxiliary-node transport
+        self._w = {i: [(j, float(self.W[j, i])) for j in range(n) if self.W[j, i] != 0.0]
                    for i in self.my_nodes}
 
-        # the transport
+        # the transport: one all-reduce (W = J), the shared neighbour mixer (v = 0), or routes
         self.allreduce = topo.name == "allreduce"
-        self.routes = [] if self.allreduce else self._routes(topo)
+        self.mixer = None
+        if not self.allreduce and self.v == 0 and self.my_worker is not None:
+            self.mixer = NeighborMixer(env.worker_comm, self.my_worker, self.W[self.my_worker], env.d)
+        self.routes = [] if (self.allreduce or self.v == 0) else self._routes(topo)
 
         # node values: own auxiliary variables and copies of the remote ones; all start at x₀
         x0 = np.array(x, dtype=np.float32) if x is not None else np.zeros(env.d, np.float32)
@@ -218,6 +227,17 @@ class Cooperative(Algorithm):
             return [w[min(g)] for g in topo.groups]
         return [w[k % self.M] for k in range(self.v)]
 
+    @classmethod
+    def comm_groups(cls, topology, workers: tuple, server) -> list[tuple]:
+        """Grouped topologies (``hierarchical``): one group per worker group g (its workers, a_g's
+        host among them) and one of the a_g hosts; world ranks, ascending.  Others: none."""
+        groups = getattr(topology, "groups", None)
+        if groups is None:
+            return []
+        out = [tuple(sorted(workers[i] for i in g)) for g in groups]
+        out.append(tuple(sorted({workers[min(g)] for g in groups})))
+        return out
+
     def _routes(self, topo) -> list[_Route]:
         """Communicators and, per round, which node values go where (Wᵢⱼ ≠ 0 only)."""
         env, W, n, M = self.env, self.W, self.n, self.M
@@ -225,18 +245,9 @@ class Cooperative(Algorithm):
         if topo.groups is None:
             comms = [(env.comm, list(range(size)))]
         else:
-            # Comm_Split per group (its workers, a_g's host included), then one of the a_g hosts
-            me = env.rank
-            color = topo.group_of(env.worker_index) if env.is_worker else -1
-            gcomm = env.comm.split(-1 if color is None else color, key=me)
-            hosts = sorted(set(self.host[M:]))
-            acomm = env.comm.split(0 if me in hosts else -1, key=me)
-            comms = []
-            if gcomm is not None:
-                members = sorted(env.workers[i] for i in topo.groups[color])
-                comms.append((gcomm, members))
-            if acomm is not None:
-                comms.append((acomm, hosts))
+            # the experiment built one group per entry of comm_groups (None where not a member)
+            member_lists = self.comm_groups(topo, tuple(env.workers), env.server)
+            comms = [(g, list(members)) for g, members in zip(env.groups, member_lists) if g is not None]
         routes = [_Route(c, members) for c, members in comms]
         nodes_at: dict[int, list] = {}
         for i in range(n):
@@ -293,25 +304,29 @@ class Cooperative(Algorithm):
         if self.allreduce:                                           # 3. W = J: one all-reduce
             if rule10:
                 self.x -= eta * g
-                self.env.worker_comm.allreduce_mean(self.x)
+                average_models(self.env.worker_comm, self.x)
             else:
                 y = self.x.copy()
-                self.env.worker_comm.allreduce_mean(y)
+                average_models(self.env.worker_comm, y)
                 self.x[...] = y
                 self.x -= eta * g
+            self.rounds += 1
+            return
+        if self.mixer is not None:                                   # 3. v = 0: neighbour mixing
+            if rule10:
+                self.x -= eta * g                                    # 3a. y = x − ηg
+                self.mixer.mix_models(self.x, out=self.x)            # 3b. x ← Σⱼ Wᵢⱼ yⱼ
+            else:
+                mixed = self.mixer.mix_models(self.x)                # 3b. Σⱼ Wᵢⱼ xⱼ
+                self.x[...] = mixed
+                self.x -= eta * g                                    # Remark 1: XW − ηG
             self.rounds += 1
             return
         if g is not None and rule10:
             self.x -= eta * g                                        # 3a. y = x − ηg (rule (10))
         self._finish_pending()                                       # auxiliary values of the last round
         vals = self._exchange_workers()                              # 3a. the workers' y
-        new = {}
-        for i in self.my_nodes:                                      # 3b. X[:, i] ← Σⱼ Wⱼᵢ yⱼ
-            acc = None
-            for j, w in self._w[i]:
-                term = w * vals[j]
-                acc = term if acc is None else np.add(acc, term, out=acc)
-            new[i] = acc
+        new = {i: combine(self._w[i], vals, self.env.d) for i in self.my_nodes}   # 3b. X[:, i] ← Σⱼ Wⱼᵢ yⱼ
         for i, val in new.items():
             if i < self.M:
                 self.x[...] = val
@@ -325,7 +340,6 @@ class Cooperative(Algorithm):
         if not self.nonblocking:
             self._finish_pending()
         self.rounds += 1
-        self._fold_counters()
 
     def _values(self) -> dict[int, np.ndarray]:
         vals = dict(self.cache)
@@ -368,28 +382,10 @@ class Cooperative(Algorithm):
     def finish(self) -> None:
         """The last round's auxiliary exchange may still be in flight (non-blocking): complete it."""
         self._finish_pending()
-        self._fold_counters()
-
-    def _fold_counters(self) -> None:
-        """Sub-communicators' byte counters go into env.comm's (the loop logs env.comm only)."""
-        main = self.env.comm
-        for rt in self.routes:
-            c = rt.comm
-            if c is main:
-                continue
-            for ch, b in c.bytes_sent.items():
-                main.bytes_sent[ch] += b
-            for ch, m in c.messages_sent.items():
-                main.messages_sent[ch] += m
-            main.seconds += c.seconds
-            c.bytes_sent.clear()
-            c.messages_sent.clear()
-            c.seconds = 0.0
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self):
         self._finish_pending()
-        self._fold_counters()
         st = super().state_dict()
         for a, z in self.z.items():
             st[f"aux{a}"] = z.copy()
@@ -465,7 +461,7 @@ class Hierarchical(Cooperative):
 
     W_h (topology ``hierarchical``): W_h[i, a_g] = 1/(n_g+1) for i ∈ g, W_h[i, i] = n_g/(n_g+1),
     W_h[a_g, a_h] = 1/q (g ≠ h), W_h[a_g, a_g] = 1 − n_g/(n_g+1) − (q−1)/q.  Transport over one
-    sub-communicator per group (Comm.Split) and one of the q auxiliary hosts.
+    sub-group per group and one of the q auxiliary hosts (``comm_groups``; built by the experiment).
     """
 
     name = "hierarchical"

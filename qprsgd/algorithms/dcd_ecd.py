@@ -4,18 +4,14 @@ naive compressed D-PSGD, DCD-PSGD (Algorithm 1) and ECD-PSGD (Algorithm 2, eq. (
 Notation (paper): n (= M) workers, W the symmetric doubly stochastic mixing matrix over the
 workers, γ (``lr``) the step size, C an unbiased compressor (the configured codec).  Worker i
 is world rank ``env.workers[i]`` and rank i of ``env.worker_comm``; it talks only to the j ≠ i
-with W_ij ≠ 0 (``Topology.neighbors(i)``), by ``Comm.ineighbor_exchange`` on the ``peer``
-channel -- point-to-point sends, never an allgather.
+with W_ij ≠ 0, through the shared mixing component (``mixing.NeighborMixer``: point-to-point
+sends on the ``peer`` channel, never an allgather).
 
 Conventions shared by every class here (docs/algorithms-gossip.md):
 
 * Steps t are 0-based in the runner; the paper's t is ``t + 1``.
-* Mixing Σ_j W_ij v_j runs over j ∈ {i} ∪ neighbours(i) in ascending j, accumulated in float64
-  and rounded once to float32.  The single rounding makes the result all but independent of
-  the summation order (float64 sums in another order can, very rarely, round to a float32 one
-  ulp away), so a single-process reference written as ``(W @ X).astype(float32)`` gives the same
-  float32 vector in practice -- which matters because a stochastic codec turns a 1-ulp
-  difference in its input into a whole quantization level now and then.  Tests compare at 1e-6.
+* Mixing Σ_j W_ij v_j: ``mixing.NeighborMixer`` (ascending j, float64 accumulation, one rounding
+  to float32; the same component the A(τ, W, v) family uses).  Tests compare at 1e-6.
 * Weight decay λx is folded into the local gradient (``Algorithm._wd``).
 * Codec draws come from ``env.rng`` only (one ``encode`` per step).
 * DCD-PSGD and D-Q-PR-SGD never use a replica of themselves: their own value is exact
@@ -30,21 +26,11 @@ from pydantic import BaseModel, ConfigDict
 
 from ..registry import ALGORITHMS
 from .base import Algorithm
+from .mixing import NeighborMixer, from_raw, raw_bytes  # noqa: F401 (raw_bytes/from_raw re-exported)
 
 
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-def raw_bytes(v: np.ndarray) -> np.ndarray:
-    """Uncompressed float32 payload (32 d bits; what D-PSGD sends)."""
-    return np.ascontiguousarray(v, dtype=np.float32).view(np.uint8)
-
-
-def from_raw(buf: np.ndarray, d: int) -> np.ndarray:
-    if buf.nbytes != 4 * d:
-        raise ValueError(f"received an uncompressed model of {buf.nbytes} bytes, expected 4*d = {4 * d}")
-    return np.ascontiguousarray(buf).view(np.float32)
 
 
 class GossipAlgorithm(Algorithm):
@@ -64,25 +50,17 @@ class GossipAlgorithm(Algorithm):
             raise ValueError(f"topology: {self.name} needs an M x M matrix over the {M} workers and no "
                              f"auxiliary nodes, got shape {W.shape}")
         self.i = env.worker_index
-        topo = env.extra.get("topology")
-        if topo is not None:
-            nbrs = [int(j) for j in topo.neighbors(self.i)]
-        else:
-            nbrs = [j for j in range(M) if j != self.i and W[self.i, j] != 0]
-        self.neighbors = sorted(nbrs)                       # j ≠ i with W_ij ≠ 0 (worker_comm ranks)
-        self.support = sorted([self.i] + self.neighbors)    # the j of Σ_j W_ij (·)
-        self.weights = {j: float(W[self.i, j]) for j in self.support}
+        self.mixer = NeighborMixer(env.worker_comm, self.i, W[self.i], env.d)
+        self.neighbors = self.mixer.neighbors     # j ≠ i with W_ij ≠ 0 (ranks of the workers' group)
+        self.support = self.mixer.support         # the j of Σ_j W_ij (·)
 
     def _mix(self, v: dict) -> np.ndarray:
-        """Σ_j W_ij v_j over i and its neighbours: float64 accumulation, one rounding to float32."""
-        acc = np.zeros(self.env.d, dtype=np.float64)
-        for j in self.support:
-            acc += self.weights[j] * np.asarray(v[j], dtype=np.float64)
-        return acc.astype(np.float32)
+        """Σ_j W_ij v_j over i and its neighbours (``NeighborMixer.mix``)."""
+        return self.mixer.mix(v)
 
     def _exchange(self, data):
         """Post the sends of ``data`` to every neighbour; ``.wait()`` gives {j: payload}."""
-        return self.env.worker_comm.ineighbor_exchange(data, self.neighbors, channel="peer")
+        return self.mixer.exchange(data)
 
     def _decode(self, data) -> np.ndarray:
         return np.asarray(self.env.codec.decode(data), dtype=np.float32)
@@ -145,19 +123,13 @@ class DPSGD(GossipAlgorithm):
         self.mix_rule = mix_rule
 
     def step(self, t, lr, grad):
-        d = self.env.d
         g = self._wd(grad())                                             # 1.
         if self.mix_rule == "mix_then_step":
-            got = self._exchange(raw_bytes(self.x)).wait()               # 2.
-            v = {j: from_raw(got[j], d) for j in self.neighbors}
-            v[self.i] = self.x
-            self.x[...] = self._mix(v) - np.float32(lr) * g              # 3.
+            mixed = self.mixer.mix_models(self.x)                        # 2. exchange x_j, Σ_j W_ij x_j
+            self.x[...] = mixed - np.float32(lr) * g                     # 3.
         else:
             y = self.x - np.float32(lr) * g                              # 2.
-            got = self._exchange(raw_bytes(y)).wait()                    # 3.
-            v = {j: from_raw(got[j], d) for j in self.neighbors}
-            v[self.i] = y
-            self.x[...] = self._mix(v)                                   # 4.
+            self.mixer.mix_models(y, out=self.x)                         # 3.–4. exchange y_j, Σ_j W_ij y_j
         self.rounds += 1
 
 

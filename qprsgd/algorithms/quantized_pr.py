@@ -26,6 +26,12 @@ def is_round_end(t: int, K: int, avg_phase: str) -> bool:
     return (t + 1) % K == 0 if avg_phase == "end" else t % K == 0
 
 
+def average_models(transport, x: np.ndarray) -> np.ndarray:
+    """x ← (1/M) Σᵢ xᵢ over the transport's ranks (all-reduce mean, in place): the one averaging
+    step of ``pr_sgd`` and of ``pasgd`` on the ``allreduce`` topology, so the two agree bit for bit."""
+    return transport.allreduce_mean(x)
+
+
 def check_period(K, avg_phase: str) -> tuple[int, str]:
     """Validate the local-step period of a periodic algorithm (constructor arguments)."""
     if int(K) < 1:
@@ -79,7 +85,7 @@ class PRSGD(Algorithm):
         g = self._wd(grad())
         self.x -= np.float32(lr) * g                         # 1. local step
         if is_round_end(t, self.K, self.avg_phase):
-            self.env.worker_comm.allreduce_mean(self.x)      # 2. average the models
+            average_models(self.env.worker_comm, self.x)     # 2. average the models
             self.rounds += 1
 
 

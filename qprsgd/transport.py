@@ -1,0 +1,306 @@
+"""What moves bytes between workers, and the one ledger that counts them (no MPI here).
+
+Three pieces:
+
+* :class:`Ledger` -- one per worker per run, owned by the experiment.  Every transport of that
+  worker (the world group and every sub-group split from it) and its codec report into it:
+  bytes and messages handed to the transport per channel, seconds inside the transport, codec
+  seconds and the unpadded bits the codec produced.  The worker loop reads this object only.
+* :class:`TransportBase` -- the operations the algorithms use (the :class:`Transport` protocol of
+  ``qprsgd.algorithms.base``), written once in terms of a few primitives that a backend
+  supplies: tagged point-to-point send/receive and a handful of collectives.  Counting and
+  timing happen here, so the MPI backend (``qprsgd.comm.Comm``) and the in-process backend
+  (``qprsgd.inprocess.LocalTransport``) count the same bytes by construction.
+* :class:`Request` -- a handle on a non-blocking exchange.
+
+What is counted (``bytes_sent[channel]``): payload bytes this rank hands over to be sent.
+Point-to-point sends count once per destination; a collective counts this rank's send buffer
+once per call (allreduce: the buffer; allgather: this rank's payload).  Channels:
+``allreduce``, ``allgather``, ``peer`` (neighbour exchange), ``up`` (worker -> server) and
+``down`` (server -> workers), or any name a caller passes.  Control traffic (scalar
+reductions, broadcasts of the config, gathers of final parameters, evaluation) is not counted
+and not timed.  What a collective really puts on a wire is the network model's job
+(qprsgd/network.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from typing import Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+
+class TransportError(RuntimeError):
+    """A transport could not complete: a peer failed, or a wait outlived ``run.timeout``."""
+
+
+class PeerFailed(TransportError):
+    """Raised in every waiting worker when another worker of the run failed."""
+
+
+class Ledger:
+    """Bytes, messages and seconds of one worker, per channel: the single owner of the counts.
+
+    ``count_bytes`` is called by transports, ``add_codec`` by the timed codec wrapper.  The
+    worker loop reads totals and per-channel rows; checkpoints save and restore the whole state.
+    """
+
+    def __init__(self):
+        self.bytes: dict[str, int] = defaultdict(int)
+        self.messages: dict[str, int] = defaultdict(int)
+        self.comm_seconds = 0.0
+        self.codec_seconds = 0.0
+        self.payload_bits = 0
+
+    def count_bytes(self, channel: str, nbytes: int, messages: int = 1) -> None:
+        self.bytes[channel] += int(nbytes)
+        self.messages[channel] += int(messages)
+
+    def add_comm_seconds(self, s: float) -> None:
+        self.comm_seconds += s
+
+    def add_codec(self, seconds: float, bits: int = 0) -> None:
+        self.codec_seconds += seconds
+        self.payload_bits += int(bits)
+
+    # -- reading ------------------------------------------------------------------------------
+    def total_bytes(self) -> int:
+        return int(sum(self.bytes.values()))
+
+    def total_messages(self) -> int:
+        return int(sum(self.messages.values()))
+
+    def channel_rows(self, channels: Sequence[str]) -> tuple[list[int], list[int]]:
+        """(bytes, messages) per name in ``channels``; names not listed add to ``"other"``."""
+        b = dict.fromkeys(channels, 0)
+        m = dict.fromkeys(channels, 0)
+        for ch, v in self.bytes.items():
+            b[ch if ch in b else "other"] += v
+        for ch, v in self.messages.items():
+            m[ch if ch in m else "other"] += v
+        return [b[k] for k in channels], [m[k] for k in channels]
+
+    # -- checkpoint ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"bytes": dict(self.bytes), "messages": dict(self.messages),
+                "comm_seconds": self.comm_seconds, "codec_seconds": self.codec_seconds,
+                "payload_bits": self.payload_bits}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.bytes.clear()
+        self.bytes.update({k: int(v) for k, v in s["bytes"].items()})
+        self.messages.clear()
+        self.messages.update({k: int(v) for k, v in s["messages"].items()})
+        self.comm_seconds = float(s["comm_seconds"])
+        self.codec_seconds = float(s["codec_seconds"])
+        self.payload_bits = int(s["payload_bits"])
+
+
+class Request:
+    """A handle on a non-blocking exchange; ``wait()`` returns its result (once computed)."""
+
+    def __init__(self, finish):
+        self._finish = finish
+        self._done = False
+        self._result = None
+
+    def wait(self):
+        if not self._done:
+            self._result = self._finish()
+            self._done = True
+        return self._result
+
+
+def as_payload(data) -> np.ndarray:
+    """A payload: a contiguous 1-D uint8 array (what codecs produce)."""
+    a = np.asarray(data)
+    if a.dtype != np.uint8 or a.ndim != 1:
+        raise TypeError("payloads must be 1-D uint8 arrays")
+    return np.ascontiguousarray(a)
+
+
+class TransportBase:
+    """The algorithms' operations on top of a backend's primitives; counts into ``ledger``.
+
+    A backend sets ``rank``, ``size``, ``ledger`` and implements:
+      ``_isend(data, dest, tag, channel) -> handle``  post a send (``data`` alive until waited)
+      ``_irecv(buf, source, tag) -> handle``     post a receive of exactly ``buf.nbytes`` bytes
+      ``_recv_unknown(source, tag) -> array``    blocking receive of a payload of unknown size
+      ``_waitall(handles)``                      complete handles (bounded by the backend)
+      collectives: ``_allreduce_sum(buf)`` in place, ``_allgather_payloads(data)``,
+      ``allreduce_scalars``, ``gather_rows``, ``gather_vectors``, ``bcast_bytes``, ``barrier``,
+      ``split``, ``local_size``.
+    Every rank of a group must call the same sequence of operations (tags follow call order).
+    """
+
+    rank: int
+    size: int
+    ledger: Ledger
+
+    def _init_base(self, ledger: Optional[Ledger]) -> None:
+        self.ledger = ledger if ledger is not None else Ledger()
+        self._tag = 100
+
+    def _next_tag(self) -> int:
+        # every rank calls the same sequence of exchanges, so tags agree without negotiation
+        self._tag = 100 + (self._tag - 99) % 30000
+        return self._tag
+
+    @contextlib.contextmanager
+    def _timed(self, count: bool = True):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            if count:
+                self.ledger.add_comm_seconds(time.perf_counter() - t)
+
+    def _count(self, channel: str, nbytes: int, messages: int = 1) -> None:
+        self.ledger.count_bytes(channel, nbytes, messages)
+
+    # -- compatibility views on the ledger (read-only use) -------------------------------------
+    @property
+    def bytes_sent(self) -> Mapping[str, int]:
+        return self.ledger.bytes
+
+    @property
+    def messages_sent(self) -> Mapping[str, int]:
+        return self.ledger.messages
+
+    @property
+    def seconds(self) -> float:
+        return self.ledger.comm_seconds
+
+    def total_bytes(self) -> int:
+        return self.ledger.total_bytes()
+
+    # -- float buffers -------------------------------------------------------------------------
+    def allreduce_mean(self, buf: np.ndarray, channel: str = "allreduce", count: bool = True) -> np.ndarray:
+        """In-place mean over the group of a contiguous float buffer; returns ``buf``.
+
+        ``count=False`` is measurement traffic (evaluation): neither bytes nor seconds counted.
+        """
+        if not buf.flags.c_contiguous:
+            raise ValueError("allreduce_mean needs a contiguous buffer")
+        with self._timed(count):
+            if self.size > 1:
+                self._allreduce_sum(buf)
+                if count:
+                    self._count(channel, buf.nbytes)
+            buf /= self.size
+        return buf
+
+    # -- byte payloads -------------------------------------------------------------------------
+    def allgather_bytes(self, data, channel: str = "allgather") -> list[np.ndarray]:
+        """Every rank's payload, in rank order (variable sizes).  Counted as one collective:
+        this rank's payload once per call (the network model charges the M - 1 copies)."""
+        data = as_payload(data)
+        with self._timed():
+            parts = self._allgather_payloads(data)
+            if self.size > 1:
+                self._count(channel, data.nbytes)
+        return parts
+
+    def _post_sends(self, data: np.ndarray, dests: Iterable[int], tag: int, channel: str) -> list:
+        handles = []
+        for j in dests:
+            if j == self.rank:
+                continue
+            handles.append(self._isend(data, j, tag, channel))
+            self._count(channel, data.nbytes)
+        return handles
+
+    def _recv_from(self, sources: Iterable[int], tag: int) -> dict[int, np.ndarray]:
+        return {j: self._recv_unknown(j, tag) for j in sources if j != self.rank}
+
+    def ineighbor_exchange(self, data, neighbors: Sequence[int], channel: str = "peer") -> Request:
+        """Non-blocking: send ``data`` to each neighbour, receive one payload from each.
+        ``wait()`` gives ``{rank: payload}``."""
+        data = as_payload(data)
+        tag = self._next_tag()
+        with self._timed():
+            sends = self._post_sends(data, neighbors, tag, channel)
+
+        def finish():
+            with self._timed():
+                got = self._recv_from(neighbors, tag)
+                self._waitall(sends)
+            return got
+
+        return Request(finish)
+
+    def neighbor_exchange(self, data, neighbors: Sequence[int], channel: str = "peer") -> dict[int, np.ndarray]:
+        """Send ``data`` to every neighbour j != self, receive each one's payload."""
+        return self.ineighbor_exchange(data, neighbors, channel).wait()
+
+    def isendrecv_bytes(self, sends: Mapping[int, np.ndarray], recvs: Mapping[int, int],
+                        channel: Union[str, Mapping[int, str]] = "peer") -> Request:
+        """Non-blocking sparse exchange: send ``sends[j]`` to each rank j (a different payload
+        per destination) and receive exactly ``recvs[j]`` bytes from each rank j, all posted now.
+
+        ``channel`` is one name, or a name per destination rank.  The payloads are copied, so the
+        caller may reuse its buffers at once.  ``wait()`` returns ``{source: payload}``.
+        """
+        tag = self._next_tag()
+        with self._timed():
+            bufs = {j: np.empty(int(n), dtype=np.uint8) for j, n in recvs.items() if j != self.rank}
+            handles = [self._irecv(b, j, tag) for j, b in bufs.items()]
+            for j, data in sends.items():
+                if j == self.rank:
+                    continue
+                a = as_payload(data).copy()
+                ch = channel if isinstance(channel, str) else channel[j]
+                handles.append(self._isend(a, j, tag, ch))
+                self._count(ch, a.nbytes)
+
+        def finish():
+            with self._timed():
+                self._waitall(handles)
+            return bufs
+
+        return Request(finish)
+
+    def gather_bytes(self, data, root: int, sources: Optional[Sequence[int]] = None,
+                     channel: str = "up") -> Optional[dict[int, np.ndarray]]:
+        """Point-to-point gather of payloads from ``sources`` (default: all ranks) to ``root``.
+        At root returns ``{rank: payload}`` (its own included if it is a source); else None."""
+        srcs = list(range(self.size)) if sources is None else list(sources)
+        tag = self._next_tag()
+        result = None
+        with self._timed():
+            if self.rank == root:
+                got = self._recv_from(srcs, tag)
+                if root in srcs:
+                    got[root] = as_payload(data).copy()
+                result = {j: got[j] for j in srcs}
+            elif self.rank in srcs:
+                self._waitall(self._post_sends(as_payload(data), [root], tag, channel))
+        return result
+
+    def scatter_bytes(self, payloads: Optional[dict[int, np.ndarray]], root: int,
+                      dests: Optional[Sequence[int]] = None, channel: str = "down") -> Optional[np.ndarray]:
+        """Root sends ``payloads[j]`` to each j in ``dests``; each dest returns what it got."""
+        dsts = list(range(self.size)) if dests is None else list(dests)
+        tag = self._next_tag()
+        got = None
+        with self._timed():
+            if self.rank == root:
+                handles = []
+                for j in dsts:
+                    if j != root:
+                        handles += self._post_sends(as_payload(payloads[j]), [j], tag, channel)
+                self._waitall(handles)
+                if root in dsts:
+                    got = as_payload(payloads[root]).copy()
+            elif self.rank in dsts:
+                got = self._recv_unknown(root, tag)
+        return got
+
+    def broadcast_bytes(self, data, root: int, dests: Optional[Sequence[int]] = None,
+                        channel: str = "down") -> Optional[np.ndarray]:
+        """Root sends the same payload to each dest (point-to-point, counted per dest)."""
+        dsts = list(range(self.size)) if dests is None else list(dests)
+        payloads = {j: data for j in dsts} if self.rank == root else None
+        return self.scatter_bytes(payloads, root, dsts, channel)
