@@ -149,7 +149,7 @@ def cmd_run_inprocess(args, M: int) -> int:
     """M workers in this process (qprsgd.inprocess): same build, loop, logging; no MPI."""
     import yaml
     from . import config
-    from .experiment import load_data
+    from .experiment import build_topology, load_data, roles_for
     from .inprocess import WorkerFailed, run_workers
     try:
         verdict = _prepare(args, M)
@@ -157,9 +157,11 @@ def cmd_run_inprocess(args, M: int) -> int:
         print(f"qprsgd: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     cfg = config.validate(yaml.safe_load(verdict["yaml"]))
-    data = load_data(cfg)   # one copy, shared by the workers
+    data = load_data(cfg)                                 # one copy, shared by the workers
+    topo = build_topology(cfg, roles_for(cfg, M).M)       # likewise (pure math, identical for all)
     try:
-        run_workers(M, lambda t: _run(cfg, t, verdict["out"], args.resume, data=data, backend="inprocess"),
+        run_workers(M, lambda t: _run(cfg, t, verdict["out"], args.resume, data=data, topology=topo,
+                                      backend="inprocess"),
                     timeout=cfg.run.timeout)
     except WorkerFailed as e:
         sys.stdout.flush()
@@ -170,7 +172,7 @@ def cmd_run_inprocess(args, M: int) -> int:
     return 0
 
 
-def _run(cfg, comm, out: str, resume: bool, data=None, backend: str = "mpi") -> int:
+def _run(cfg, comm, out: str, resume: bool, data=None, topology=None, backend: str = "mpi") -> int:
     """Train on this worker; ``comm`` is its world transport (MPI or in-process)."""
     from . import checkpoint as ckpt
     from .experiment import build, run_attrs
@@ -180,7 +182,7 @@ def _run(cfg, comm, out: str, resume: bool, data=None, backend: str = "mpi") -> 
     if rank == 0:
         os.makedirs(out, exist_ok=True)
     comm.barrier()
-    exp = build(cfg, comm, out, data=data, backend=backend)
+    exp = build(cfg, comm, out, data=data, topology=topology, backend=backend)
     path = os.path.join(out, "run.h5")
     info = ckpt.latest(out) if resume else None
     if info is not None and int(info.get("world_size", -1)) != comm.size:

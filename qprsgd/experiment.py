@@ -233,9 +233,11 @@ def load_data(cfg: Config):
     return DATASETS.get(cfg.data.name).factory(cfg.data.data_dir, **dict(cfg.data.params))
 
 
-def build(cfg: Config, comm, out_dir: str, data=None, backend: str = "mpi") -> Experiment:
+def build(cfg: Config, comm, out_dir: str, data=None, topology=None, backend: str = "mpi") -> Experiment:
     """Build an experiment on this worker.  ``comm`` is its world transport (see the module
-    docstring); ``data`` a dataset already loaded (in-process workers share one), else loaded."""
+    docstring).  In-process workers share what is identical for all of them and costly to make
+    M times: ``data`` (the loaded dataset) and ``topology`` (the checked mixing matrix, pure
+    math); under MPI each rank builds its own."""
     if backend not in ("mpi", "inprocess"):
         raise ValueError(f"backend must be 'mpi' or 'inprocess', got {backend!r}")
     roles = roles_for(cfg, comm.size)
@@ -254,7 +256,7 @@ def build(cfg: Config, comm, out_dir: str, data=None, backend: str = "mpi") -> E
 
     # groups: the workers' (None on a dedicated server), then those the algorithm declares
     wc = comm.split(0 if rank in roles.workers else -1)
-    topo = build_topology(cfg, roles.M)
+    topo = build_topology(cfg, roles.M) if topology is None else topology
     cls = ALGORITHMS.get(cfg.algorithm.name).factory
     groups = tuple(comm.split(0 if rank in members else -1)
                    for members in cls.comm_groups(topo, roles.workers, roles.server))

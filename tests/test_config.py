@@ -71,7 +71,7 @@ def test_set_overrides_parse_yaml_values():
     ({}, ["--set", "train.lr=-0.5"], "train.lr"),
 ])
 def test_cli_exits_2_on_every_rank_and_prints_once(tmp_path, over, extra, key):
-    rc, out, err, h5 = run_qprsgd(2, merged(over), tmp_path, extra=extra, check=False, timeout=60)
+    rc, out, err, h5 = run_qprsgd(2, merged(over), tmp_path, extra=extra, check=False, timeout=60, mpi=True)
     assert rc == 2, (out, err)
     assert err.count(key) == 1, err  # printed once (rank 0), naming the key
     assert not h5.exists()
