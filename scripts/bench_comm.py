@@ -6,7 +6,9 @@
 Prints (rank 0), best of ``--repeat``, for a float32 buffer of ``--mb`` MB:
 memcpy (numpy, into a reused buffer), Send/Recv of the buffer (rank 0 -> 1), MPI Allreduce
 out of place and in place (what ``Comm.allreduce_mean`` uses), and ``Comm.allgather_bytes``
-of the same bytes; each also as GB/s and as a ratio to memcpy.
+of the same bytes; each also as GB/s and as a ratio to memcpy.  The ``bounded`` rows are the
+same operations with every wait bounded (``Comm(timeout=...)``, as ``qprsgd run`` uses them:
+non-blocking MPI calls completed by a test loop with a deadline).
 """
 from __future__ import annotations
 
@@ -56,8 +58,15 @@ def main() -> int:
     res["Allreduce (out of place)"] = best(lambda: w.Allreduce(buf, out, op=MPI.SUM), a.repeat, c)
     res["Allreduce (IN_PLACE)"] = best(lambda: w.Allreduce(MPI.IN_PLACE, out, op=MPI.SUM), a.repeat, c)
     res["Comm.allreduce_mean"] = best(lambda: c.allreduce_mean(out), a.repeat, c)
+    # what a run uses: every wait bounded by run.timeout (Iallreduce + a test loop)
+    cb = Comm(w, timeout=600.0)
+    res["Comm.allreduce_mean bounded"] = best(lambda: cb.allreduce_mean(out), a.repeat, c)
     u8 = buf.view(np.uint8)
     res["Comm.allgather_bytes"] = best(lambda: c.allgather_bytes(u8), a.repeat, c)
+    res["Comm.allgather_bytes bounded"] = best(lambda: cb.allgather_bytes(u8), a.repeat, c)
+    small = np.ones(1000, np.float32)
+    res["allreduce_mean 4 kB"] = best(lambda: c.allreduce_mean(small), a.repeat, c)
+    res["allreduce_mean 4 kB bounded"] = best(lambda: cb.allreduce_mean(small), a.repeat, c)
     if c.rank == 0:
         print(f"{c.size} ranks, {nbytes / 1e6:.1f} MB float32, best of {a.repeat}")
         print(f"{'operation':28s} {'ms':>8s} {'GB/s':>8s} {'÷ memcpy':>9s}")
