@@ -11,9 +11,14 @@ Measured choice: ``Allreduce`` of float buffers runs in place (``MPI.IN_PLACE``)
 one of MPICH's two temporary copies.
 
 Waiting.  Every wait is bounded by ``timeout`` seconds (``run.timeout``): requests are tested in
-a loop, and a wait that outlives the bound raises :class:`~qprsgd.transport.TransportTimeout`
-naming the operation and, for point-to-point waits, the peer rank that did not arrive; the
-abort hook then ends the whole job.  Between tests a rank spins (as MPI's own ``Wait`` does) or,
+a loop, and a wait that outlives the bound raises :class:`TransportTimeout` naming the operation
+and the rank(s) that did not arrive; the abort hook then ends the whole job.  For a
+point-to-point wait the missing rank is the peer.  For a collective MPI cannot say who is
+missing, so the timed-out rank asks: it announces itself to every other rank on a side
+communicator (``Dup`` of the group, made at construction) and names the ranks it does not hear
+from within a grace period (``_GRACE`` s) -- live ranks stuck in the same collective time out
+at about the same moment and announce themselves too; a frozen or dead rank does not.  The
+cost on the hot path is one clock read every 256 tests of a pending request.  Between tests a rank spins (as MPI's own ``Wait`` does) or,
 with ``poll_sleep`` > 0 (``qprsgd netem`` sets 2e-4 s through the environment variable
 ``QPRSGD_MPI_POLL_SLEEP``), sleeps: there all ranks and the kernel's shaped network share a few
 cores, and spinning ranks starved the TCP/tbf path (docs/network.md).  On a cluster leave it 0.
@@ -34,6 +39,10 @@ from .transport import Ledger, Request, TransportBase, TransportError  # noqa: F
 
 class TransportTimeout(TransportError):
     """A wait outlived ``run.timeout``."""
+
+
+_GRACE = 3.0          # seconds a timed-out rank listens for the others' announcements
+_ALIVE_TAG = 31_999   # side-communicator tag of "I timed out too" announcements
 
 
 def world():
@@ -102,17 +111,44 @@ class Comm(TransportBase):
         self.mpi = mpi_comm
         self.rank = mpi_comm.Get_rank()
         self.size = mpi_comm.Get_size()
-        self._world_ranks = None
+        # side channel for failure diagnosis only (bounded runs): a collective Dup now
+        self._side = mpi_comm.Dup() if self.timeout is not None and self.size > 1 else None
         self._init_base(ledger)
 
     # -- bounded waiting ---------------------------------------------------------------------
     def _who(self, peers) -> str:
         if not peers:
-            return ""
-        return f"; waiting for rank(s) {', '.join(str(p) for p in sorted(set(peers)))} of this group"
+            missing = self._missing_ranks()
+            if missing is None:
+                return ""
+            if not missing:
+                return "; every rank of this group is alive and also timed out (a deadlock?)"
+            return f"; rank(s) {', '.join(map(str, missing))} of this group did not arrive"
+        return f"; rank(s) {', '.join(str(p) for p in sorted(set(peers)))} of this group did not arrive"
+
+    def _missing_ranks(self) -> Optional[list]:
+        """After a collective timed out: the ranks that do not announce themselves within
+        ``_GRACE`` seconds (see the module docstring); None without a side channel."""
+        if self._side is None:
+            return None
+        mark = np.zeros(1, np.uint8)
+        for j in range(self.size):
+            if j != self.rank:
+                self._side.Isend(mark, dest=j, tag=_ALIVE_TAG)   # never waited: the job aborts next
+        heard = {self.rank}
+        status = MPI.Status()
+        buf = np.empty(1, np.uint8)
+        deadline = time.monotonic() + _GRACE
+        while time.monotonic() < deadline and len(heard) < self.size:
+            while self._side.Iprobe(source=MPI.ANY_SOURCE, tag=_ALIVE_TAG, status=status):
+                self._side.Recv(buf, source=status.Get_source(), tag=_ALIVE_TAG)
+                heard.add(status.Get_source())
+            time.sleep(0.01)
+        return sorted(set(range(self.size)) - heard)
 
     def _wait(self, reqs, what: str, peers: Sequence[int] = ()) -> None:
-        """Complete ``reqs``; spin/sleep between tests; raise after ``timeout`` seconds."""
+        """Complete ``reqs`` (``peers[k]``: the rank request k waits on, if point-to-point); spin or
+        sleep between tests; raise after ``timeout`` seconds naming who did not arrive."""
         if not reqs:
             return
         if self.timeout is None and self.poll_sleep <= 0.0:
@@ -125,9 +161,10 @@ class Comm(TransportBase):
                 time.sleep(self.poll_sleep)
             n += 1
             if deadline is not None and (n & 255) == 0 and time.monotonic() > deadline:
+                pending = [p for r, p in zip(reqs, peers) if not r.Test()] if peers else []
                 raise TransportTimeout(
                     f"rank {self.rank} of {self.size}: {what} did not complete within run.timeout = "
-                    f"{self.timeout:g} s{self._who(peers)} (a frozen or lost rank?)")
+                    f"{self.timeout:g} s{self._who(pending)} (a frozen or lost rank?)")
 
     def _waitall(self, handles) -> None:
         reqs = [h for h, _ in handles]
@@ -154,7 +191,7 @@ class Comm(TransportBase):
                 if deadline is not None and (n & 255) == 0 and time.monotonic() > deadline:
                     raise TransportTimeout(
                         f"rank {self.rank} of {self.size}: receive from rank {source} did not complete "
-                        f"within run.timeout = {self.timeout:g} s (a frozen or lost rank?)")
+                        f"within run.timeout = {self.timeout:g} s{self._who([source])} (a frozen or lost rank?)")
         buf = np.empty(status.Get_count(MPI.BYTE), dtype=np.uint8)
         self.mpi.Recv(buf, source=source, tag=tag)
         return buf
@@ -179,7 +216,7 @@ class Comm(TransportBase):
         reqs = [self.mpi.Irecv(parts[j], source=j, tag=tag) for j in others]
         reqs += [self.mpi.Isend(data, dest=j, tag=tag) for j in others]
         parts[self.rank][...] = data
-        self._wait(reqs, "allgather", others)
+        self._wait(reqs, "allgather", others + others)
         return parts
 
     # -- control traffic (not counted) ---------------------------------------------------------
