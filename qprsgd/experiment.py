@@ -18,6 +18,7 @@ the codec draws ``np.random.default_rng([seed, 1, rank])``.  Nothing is seeded g
 """
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import time
@@ -65,7 +66,9 @@ class TimedCodec:
         return getattr(self._codec, name)
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str:
+    """The checkout's commit, read once per process (the code this process loaded)."""
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
