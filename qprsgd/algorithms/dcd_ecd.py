@@ -37,14 +37,18 @@ class _Params(BaseModel):
 
 
 def raw_bytes(v: np.ndarray) -> np.ndarray:
-    """Uncompressed float32 payload (32 d bits; what D-PSGD sends)."""
-    return np.ascontiguousarray(v, dtype=np.float32).view(np.uint8)
+    """Uncompressed float32 payload (32 d bits; what D-PSGD sends): the identity codec's wire."""
+    from ..codecs.identity import raw_bytes as _raw
+
+    return _raw(v)
 
 
 def from_raw(buf: np.ndarray, d: int) -> np.ndarray:
-    if buf.nbytes != 4 * d:
-        raise ValueError(f"received an uncompressed model of {buf.nbytes} bytes, expected 4*d = {4 * d}")
-    return np.ascontiguousarray(buf).view(np.float32)
+    """The float32 vector of an identity payload of d elements (CodecError, a ValueError, on a
+    wrong length)."""
+    from ..codecs.identity import from_raw as _from
+
+    return _from(buf, d)
 
 
 class GossipAlgorithm(Algorithm):
