@@ -15,7 +15,7 @@ slower than B* compressing saves wall time.
 Decode is measured into a reused output buffer (``codec.decode(data, out=buf)``, steady state:
 no fresh 4 d-byte allocation and its page faults per call); ``--fresh`` also times the default
 ``decode(data)`` that returns a fresh array (column ``t_dec fresh``).  ``--threads 1,2`` runs
-the numba codecs (qsgd, qsgd_scaled, block_sign, sign) once per thread count (the codec's
+the numba codecs (qsgd, qsgd_scaled, qsgd_ans, block_sign, sign) once per thread count (the codec's
 ``threads=`` argument; default 2).
 
 The ``backend`` column says which kernels ran (the codec's ``backend=`` argument): ``default``
@@ -57,6 +57,7 @@ def resnet18_blocks(num_classes: int = 10) -> list[int]:
 
 
 CONFIGS = [("identity", {}), ("qsgd", {}), ("qsgd_scaled", {}), ("qsgd_runlength", {}),
+           ("qsgd_ans", {}),
            ("stochastic_bits", {"b": 8}), ("stochastic_bits", {"b": 4}), ("sign", {}),
            ("block_sign", {}), ("topk", {"ratio": 0.01}), ("randk", {"ratio": 0.01}),
            ("bernoulli_p", {"p": 0.01})]
@@ -124,7 +125,7 @@ def main(argv=None):
                 p = dict(p, block_size=None if blocks else 1 << 18)
             bl = blocks if name == "block_sign" else None
             for be in backends:
-                threaded = name in ("qsgd", "qsgd_scaled", "sign", "block_sign")
+                threaded = name in ("qsgd", "qsgd_scaled", "qsgd_ans", "sign", "block_sign")
                 for nt in (tlist if threaded else [1]):
                     try:
                         codec = e.factory(d, bl, xp=xp, backend=be, threads=nt, **p)
@@ -164,7 +165,7 @@ def main(argv=None):
                 print(f"|  | previous argpartition encode, same run: {t_old * 1e3:.1f} ms, B* "
                       f"{b_old:.2f} Gb/s; encode speed-up {t_old / te:.2f}x, B* ratio "
                       f"{bstar / b_old:.2f}x | | | | | | | | | | |" + (" |" if a.fresh else ""))
-            if name in ("qsgd", "qsgd_runlength"):
+            if name in ("qsgd", "qsgd_runlength", "qsgd_ans"):
                 print(f"|  | wire size at s={codec.s}: {pay.nbytes / 2**20:.2f} MiB = "
                       f"{100 * pay.nbits / (32 * d):.1f}% of fp32 ({32 * d / 8 / 2**20:.2f} MiB) |"
                       " | | | | | | | | | |" + (" |" if a.fresh else ""))

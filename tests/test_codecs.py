@@ -339,7 +339,7 @@ def test_params_and_registry():
     with pytest.raises(Exception):
         CODECS.get("topk").params(k=3, ratio=0.1)
     assert make("topk", 100, ratio=0.1).k == 10
-    for name in ["identity", "qsgd", "qsgd_scaled", "qsgd_runlength", "stochastic_bits", "sign",
+    for name in ["identity", "qsgd", "qsgd_scaled", "qsgd_runlength", "qsgd_ans", "stochastic_bits", "sign",
                  "block_sign", "topk", "randk", "bernoulli_p"]:
         assert name in CODECS.names()
 
@@ -432,7 +432,7 @@ def test_warmup_leaves_the_codec_unchanged(name, params):
 # --- payloads for another d; -0.0 headers; the sign and identity wire helpers --------------------
 
 ALL = [("identity", {}), ("sign", {}), ("block_sign", {"block_size": 300}), ("qsgd", {"s": 31}),
-       ("qsgd_scaled", {"s": 31}), ("qsgd_runlength", {"s": 31}), ("stochastic_bits", {"b": 5}),
+       ("qsgd_scaled", {"s": 31}), ("qsgd_runlength", {"s": 31}), ("qsgd_ans", {"s": 31}), ("stochastic_bits", {"b": 5}),
        ("stochastic_bits", {"b": 8}), ("topk", {"k": 10}), ("randk", {"k": 10}),
        ("bernoulli_p", {"p": 0.1})]
 
@@ -465,7 +465,8 @@ def test_payload_for_another_d_is_a_codec_error(name, params):
                     codecs[d2].decode(data)
 
 
-@pytest.mark.parametrize("name", ["qsgd", "qsgd_scaled", "qsgd_runlength", "sign", "block_sign"])
+@pytest.mark.parametrize("name", ["qsgd", "qsgd_scaled", "qsgd_runlength", "qsgd_ans", "sign",
+                                  "block_sign"])
 def test_negative_zero_header_refused_identically(name):
     """A norm (qsgd family) or scale (sign family) of -0.0 -- never produced by an encoder -- is a
     CodecError with the same message on every backend (it decoded to zeros of different signs on
