@@ -31,6 +31,21 @@ def from_raw(buf, d: int) -> np.ndarray:
     return np.ascontiguousarray(buf).view("<f4").astype(np.float32, copy=False)
 
 
+class _IdNumpy:
+    def __init__(self, c):
+        self.c = c
+
+    def encode(self, x):
+        xp = self.c.xp
+        return xp.ascontiguousarray(x, dtype="<f4").view(xp.uint8).copy()
+
+
+def _cuda_identity(c):
+    from ._cuda_backends import IdentityCuda
+
+    return IdentityCuda(c)
+
+
 @CODECS.register("identity")
 class Identity(Codec):
     """Raw little-endian float32; nbits = 32 d."""
@@ -38,12 +53,15 @@ class Identity(Codec):
     name = "identity"
     unbiased = True
     deterministic = True
+    IMPLS = {"numpy": _IdNumpy, "cuda": _cuda_identity}
+
+    def __init__(self, d, blocks=None, xp=np, **kw):
+        super().__init__(d, blocks, xp, **kw)
+        self._make_impl()
 
     def encode(self, x, rng=None) -> Payload:
         x = self._check_input(x)
-        xp = self.xp
-        data = xp.ascontiguousarray(x, dtype="<f4").view(xp.uint8).copy()
-        return Payload(data, 32 * self.d)
+        return Payload(self.impl.encode(x), 32 * self.d)
 
     def decode(self, data, out=None):
         data = self._as_bytes(data)

@@ -138,6 +138,12 @@ def _numba_qsgd(c):
     return QSGDNumba(c)
 
 
+def _cuda_qsgd(c):
+    from ._cuda_backends import QSGDCuda
+
+    return QSGDCuda(c)
+
+
 def _numba_runlength(c):
     from ._qsgd_numba import RunLengthNumba
 
@@ -248,6 +254,7 @@ class _QSGDBase(Codec):
 class QSGD(_QSGDBase):
     """QSGD Q_s: float32 norm, then per element a sign bit and Elias-gamma(zeta + 1)."""
 
+    IMPLS = {"numpy": _QNumpy, "numba": _numba_qsgd, "cuda": _cuda_qsgd}
     name = "qsgd"
     scale = 1.0
 

@@ -180,6 +180,12 @@ class _SignNumba:
         return out
 
 
+def _cuda_sign(c):
+    from ._cuda_backends import SignCuda
+
+    return SignCuda(c)
+
+
 @CODECS.register("block_sign", params=BlockSignParams)
 class BlockSign(Codec):
     """Blockwise scaled sign C_B (dist-ef Alg. 3): float32 ||v_b||_1/d_b per block + 1 bit/element."""
@@ -187,7 +193,7 @@ class BlockSign(Codec):
     name = "block_sign"
     unbiased = False
     deterministic = True
-    IMPLS = {"numpy": _SignNumpy, "numba": _SignNumba}
+    IMPLS = {"numpy": _SignNumpy, "numba": _SignNumba, "cuda": _cuda_sign}
     par_min_d = 1 << 16  # numba: shorter vectors stay on one thread
 
     def __init__(self, d, blocks=None, xp=np, block_size: Optional[int] = None, **kw):

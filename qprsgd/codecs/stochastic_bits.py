@@ -113,6 +113,12 @@ class _SbitsNumba:
         return out
 
 
+def _cuda_sbits(c):
+    from ._cuda_backends import SbitsCuda
+
+    return SbitsCuda(c)
+
+
 class StochasticBitsParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     b: int = Field(8, ge=1, le=16)
@@ -125,7 +131,7 @@ class StochasticBits(Codec):
     name = "stochastic_bits"
     unbiased = True
     deterministic = False
-    IMPLS = {"numpy": _SbitsNumpy, "numba": _SbitsNumba}
+    IMPLS = {"numpy": _SbitsNumpy, "numba": _SbitsNumba, "cuda": _cuda_sbits}
 
     def __init__(self, d, blocks=None, xp=np, b: int = 8, **kw):
         super().__init__(d, blocks, xp, **kw)
