@@ -73,13 +73,18 @@ def test_within_3_percent_of_empirical_entropy():
 def test_chunks_and_threads_do_not_change_bytes():
     """Two rANS chunks (d > 2^20): 1 and 2 threads give the same bytes, and the decode is qsgd's."""
     d = A.CHUNK_ELEMS + 4099
-    x = vec("gauss", d, 3)
-    pays = [CODECS.get("qsgd_ans").factory(d, None, threads=t).encode(x, np.random.default_rng(4))
-            for t in (1, 2)]
-    assert pays[0].data.tobytes() == pays[1].data.tobytes()
-    q = CODECS.get("qsgd").factory(d, None)
-    want = q.decode(q.encode(x, np.random.default_rng(4)).data)
-    assert same(CODECS.get("qsgd_ans").factory(d, None, threads=2).decode(pays[0].data), want)
+    for kind, p in (("gauss", {}), ("heavy", {"s": 2**20})):    # heavy: escapes in both chunks
+        x = vec(kind, d, 3)
+        rs = [np.random.default_rng(4) for _ in range(2)]
+        pays = [CODECS.get("qsgd_ans").factory(d, None, threads=t, **p).encode(x, r)
+                for t, r in zip((1, 2), rs)]
+        assert pays[0].data.tobytes() == pays[1].data.tobytes()
+        assert rs[0].bit_generator.state == rs[1].bit_generator.state
+        q = CODECS.get("qsgd").factory(d, None, **p)
+        want = q.decode(q.encode(x, np.random.default_rng(4)).data)
+        for t in (1, 2):
+            got = CODECS.get("qsgd_ans").factory(d, None, threads=t, **p).decode(pays[0].data)
+            assert same(got, want)
 
 
 @pytest.mark.slow

@@ -100,3 +100,21 @@ def decode_chunks(data, offs, d, slot_sym, slot_fb, vtab, nesc_sym, out, escpos,
                                     nesc_sym, out, escpos[a:b])
         res[t, 0] = err
         res[t, 1] = ne
+
+
+@pjit
+def quantize_symbols_par(x, bounds, states, mode, c, s32, Ecap, syms, counts, escv, res):
+    """``quantize_symbols_pcg`` on segments bounds[t]..bounds[t+1]-1, each from its own PCG64
+    state row (``_pcg64.segment_states``: the generator at the segment's first draw), so the
+    draws are numpy's stream whatever the split; counts[t] = segment t's histogram, its escapes
+    in escv[bounds[t]:], res[t] = (max level, escapes).  Row T-1 ends as the state after all d
+    draws."""
+    nt = bounds.shape[0] - 1
+    u0 = np.zeros(0, dtype=np.float32)
+    for t in numba.prange(nt):
+        a = bounds[t]
+        b = bounds[t + 1]
+        zm, ne = quantize_symbols_pcg(x[a:b], u0, states[t], True, mode, c, s32, Ecap,
+                                      syms[a:b], counts[t], escv[a:b])
+        res[t, 0] = zm
+        res[t, 1] = ne

@@ -151,8 +151,22 @@ class _AnsNumba:
 
         c = self.c
         x, norm, mode, cc, uu, state, bg = self.q.prepare(x, rng if u is None else _Given(u))
-        counts = np.zeros(2 * Ecap + 1, dtype=np.int64)
         escv = c._scratch_arr("escv", c.d, np.uint32)
+        nt = self._nt(c.nch)
+        if bg is not None and nt > 1:
+            # segments of whole chunks, each starting numpy's stream at its first element
+            per = -(-c.nch // nt) * A.CHUNK_ELEMS
+            bounds = np.array([min(c.d, t * per) for t in range(nt)] + [c.d], dtype=np.int64)
+            states = _pcg64.segment_states(state, bounds[:-1])
+            counts2 = np.zeros((nt, 2 * Ecap + 1), dtype=np.int64)
+            res = np.zeros((nt, 2), dtype=np.int64)
+            with self.core.parallel(nt):
+                self.k.quantize_symbols_par(x, bounds, states, mode, cc, np.float32(c.s), Ecap,
+                                            syms, counts2, escv, res)
+            _pcg64.store(bg, states[-1])
+            esc = np.concatenate([escv[bounds[t]:bounds[t] + res[t, 1]] for t in range(nt)])
+            return norm, counts2.sum(axis=0), int(res[:, 0].max()), esc
+        counts = np.zeros(2 * Ecap + 1, dtype=np.int64)
         zmax, nesc = self.k.quantize_symbols_pcg(x, uu, state, bg is not None, mode, cc,
                                                  np.float32(c.s), Ecap, syms, counts, escv)
         if bg is not None:
