@@ -2,7 +2,6 @@
 the "Multi-threaded kernels" section): byte-identical payloads, bit-identical decoded vectors and
 the same generator state for any thread count; the same CodecError (message included) on
 malformed payloads; decode into a caller-provided buffer (``decode(data, out=...)``)."""
-import os
 import subprocess
 import sys
 

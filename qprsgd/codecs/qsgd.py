@@ -74,14 +74,6 @@ def _norm32(x, use_numba: bool = False) -> np.float32:
     return np.float32(math.sqrt(norm_acc(x, use_numba)))
 
 
-def _xp_of(a):
-    if isinstance(a, np.ndarray):
-        return np
-    import cupy  # pragma: no cover - GPU only
-
-    return cupy  # pragma: no cover
-
-
 def draw_uniform32(xp, rng, n: int):
     """n uniforms in [0, 1) as float32: ``rng.random(n, dtype=np.float32)``.
 

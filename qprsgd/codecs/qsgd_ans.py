@@ -29,8 +29,6 @@ slow sequential reference for small d; bytes identical).
 """
 from __future__ import annotations
 
-import math
-from typing import Optional
 
 import numpy as np
 
