@@ -16,7 +16,7 @@ CASES = [("identity", {}, None), ("sign", {}, None), ("block_sign", {}, [3, 60, 
          ("stochastic_bits", {"b": 1}, None), ("stochastic_bits", {"b": 3}, None),
          ("stochastic_bits", {"b": 8}, None), ("stochastic_bits", {"b": 16}, None),
          ("qsgd", {}, None), ("qsgd", {"s": 1}, None), ("qsgd", {"s": 2**20}, None),
-         ("qsgd_scaled", {"s": 7}, None)]
+         ("qsgd_scaled", {"s": 7}, None), ("randk", {"k": 5}, None)]
 
 
 def vec(kind, d, seed):
@@ -47,7 +47,7 @@ def main():
     for name, params, blocks in CASES:
         if quick and name == "qsgd" and params:
             continue
-        sizes = ([100] if blocks else [1, 7, 100]) if not quick else ([100] if blocks else [37])
+        sizes = ([100] if blocks else [7, 100]) if not quick else ([100] if blocks else [37])
         for d in sizes:
             a = CODECS.get(name).factory(d, blocks, backend="numpy", **params)
             g = CODECS.get(name).factory(d, blocks, backend="cuda", **params)

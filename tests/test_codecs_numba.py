@@ -168,6 +168,7 @@ def to_bytes(bits):
 
 
 NORM1 = format(int.from_bytes(np.float32(1.0).astype("<f4").tobytes(), "big"), "032b")
+D10 = "".join(f"{b:08b}" for b in np.uint32(10).astype("<u4").tobytes())  # runlength's d field
 
 
 def both_raise(name, d, data, match, **params):
@@ -194,12 +195,12 @@ def test_malformed_messages_match():
     nan[:4] = np.frombuffer(np.float32(np.nan).astype("<f4").tobytes(), np.uint8)
     both_raise("qsgd", d, nan, "norm", s=3)
     # runlength: index out of range, level > s, count > d, record past the end
-    both_raise("qsgd_runlength", 10, to_bytes(NORM1 + gamma(2) + gamma(11) + "0" + gamma(1)),
+    both_raise("qsgd_runlength", 10, to_bytes(NORM1 + D10 + gamma(2) + gamma(11) + "0" + gamma(1)),
                "range", s=3)
-    both_raise("qsgd_runlength", 10, to_bytes(NORM1 + gamma(2) + gamma(1) + "0" + gamma(4)),
+    both_raise("qsgd_runlength", 10, to_bytes(NORM1 + D10 + gamma(2) + gamma(1) + "0" + gamma(4)),
                "level", s=3)
-    both_raise("qsgd_runlength", 10, to_bytes(NORM1 + gamma(12) + "1" * 40), "non-zeros", s=3)
-    both_raise("qsgd_runlength", 10, to_bytes(NORM1 + gamma(3) + gamma(1) + "0" + gamma(1)
+    both_raise("qsgd_runlength", 10, to_bytes(NORM1 + D10 + gamma(12) + "1" * 40), "non-zeros", s=3)
+    both_raise("qsgd_runlength", 10, to_bytes(NORM1 + D10 + gamma(3) + gamma(1) + "0" + gamma(1)
                                               + "1" + "0"), "truncated", s=3)
 
 

@@ -188,3 +188,27 @@ class QSGDCuda:
         if zbad:
             raise CodecError(f"{c.name}: level > s={c.s}")
         return out
+
+
+class RandKCuda:
+    """randk: the host draws the k indices (``rng.choice``, as every backend), the device
+    gathers, scales and packs."""
+
+    def __init__(self, c):
+        self.c = c
+        self.head = np.array([c.d], "<u4").view(np.uint8)
+
+    def encode(self, x, idx):
+        c = self.c
+        k = c.k
+        idev = K.cuda.to_device(np.ascontiguousarray(idx, dtype=np.int64))
+        vals = K.empty(k, np.float32)
+        bad = K.zeros(1, np.int32)
+        K.gather_scale[K.grid(k)](K.dev(x), idev, np.float32(c.d / c.k), vals, bad)
+        if int(K.host(bad)[0]):
+            raise CodecError(f"{c.name}: scaled value overflows float32")
+        out = K.empty(4 + 8 * k, np.uint8)
+        K.put_bytes[K.grid(4)](K.cuda.to_device(self.head), out, 0)
+        K.put_bytes[K.grid(4 * k)](K.cuda.to_device(np.asarray(idx, "<u4").view(np.uint8)), out, 4)
+        K.put_bytes[K.grid(4 * k)](vals.view(np.uint8), out, 4 + 4 * k)
+        return K.wrap(out, c.xp)

@@ -342,3 +342,16 @@ def qsgd_decode_serial(data, nbytes, d, nmax, s, tab, ntab, nsc, sd, out, res):
     res[1] = 0
     res[2] = pos
     res[3] = zbad
+
+
+# ---- randk -----------------------------------------------------------------------------------------
+@cuda.jit
+def gather_scale(x, idx, f, vals, bad):
+    """vals[j] = x[idx[j]] * f (float32 product); bad[0] = 1 if a product is not finite."""
+    j = cuda.grid(1)
+    if j >= idx.shape[0]:
+        return
+    v = x[idx[j]] * f
+    vals[j] = v
+    if not math.isfinite(v):
+        bad[0] = 1

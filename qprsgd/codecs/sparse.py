@@ -225,6 +225,27 @@ class TopK(_FixedK):
         return Payload(self._pack(idx, vals), 32 + 64 * self.k)
 
 
+class _RandKNumpy:
+    """Gather, scale by float32(d / k) (a float32 product) and pack (any array module)."""
+
+    def __init__(self, c):
+        self.c = c
+
+    def encode(self, x, idx):
+        c, xp = self.c, self.c.xp
+        idx = xp.asarray(idx)
+        vals = x[idx] * np.float32(c.d / c.k)
+        if not bool(xp.isfinite(vals).all()):
+            raise CodecError(f"{c.name}: scaled value overflows float32")
+        return c._pack(idx, vals)
+
+
+def _cuda_randk(c):
+    from ._cuda_backends import RandKCuda
+
+    return RandKCuda(c)
+
+
 @CODECS.register("randk", params=KParams)
 class RandK(_FixedK):
     """k uniformly random coordinates scaled by d/k (unbiased): uint32 d, k uint32 indices + k
@@ -240,17 +261,19 @@ class RandK(_FixedK):
         k = int(k) if k is not None else max(1, math.ceil(float(ratio) * d))
         return math.sqrt(d / k - 1.0)
 
+    IMPLS = {"numpy": _RandKNumpy, "cuda": _cuda_randk}
+
+    def __init__(self, d, blocks=None, xp=np, k: Optional[int] = None,
+                 ratio: Optional[float] = None, **kw):
+        super().__init__(d, blocks, xp, k, ratio, **kw)
+        self._make_impl()
+
     def encode(self, x, rng=None) -> Payload:
-        xp = self.xp
         x = self._check_input(x)
         if not isinstance(rng, np.random.Generator):
             raise CodecError(f"{self.name}: needs an explicit numpy.random.Generator")
         idx = np.sort(rng.choice(self.d, size=self.k, replace=False))
-        idx = xp.asarray(idx)
-        vals = x[idx] * np.float32(self.d / self.k)
-        if not bool(xp.isfinite(vals).all()):
-            raise CodecError(f"{self.name}: scaled value overflows float32")
-        return Payload(self._pack(idx, vals), 32 + 64 * self.k)
+        return Payload(self.impl.encode(x, idx), 32 + 64 * self.k)
 
 
 @CODECS.register("bernoulli_p", params=BernoulliParams)
