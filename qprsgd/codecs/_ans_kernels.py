@@ -74,57 +74,98 @@ def quantize_symbols(zeta, neg, Ecap, syms, counts, escv):
 
 
 def rans_encode_chunk(syms, a, b, xmax, rcp, sh, bias, cmpl, buf, hi):
-    """The rANS bytes of syms[a:b] (encoded in reverse), written backwards ending at buf[hi];
-    returns the start offset (the stream is buf[start:hi])."""
+    """The rANS bytes of syms[a:b], written backwards ending at buf[hi]; returns the start
+    offset (the stream is buf[start:hi]).  Two interleaved states: element i uses state
+    (i - a) & 1; symbols are encoded in reverse, each state renormalised just before its symbol,
+    and the final states are flushed state 1 first, so the stream starts with state 0's 4
+    bytes, then state 1's (big-endian), as the decoder reads them."""
     p = hi
-    x = np.uint64(RANS_L)
+    x0 = np.uint64(RANS_L)
+    x1 = np.uint64(RANS_L)
     m32 = np.uint64(32)
     for i in range(b - 1, a - 1, -1):
         s = syms[i]
         xm = xmax[s]
-        while x >= xm:
-            p -= 1
-            buf[p] = np.uint8(x & np.uint64(255))
-            x >>= np.uint64(8)
-        q = ((x * rcp[s]) >> m32) >> sh[s]
-        x = x + bias[s] + q * cmpl[s]
+        if ((i - a) & 1) == 0:
+            while x0 >= xm:
+                p -= 1
+                buf[p] = np.uint8(x0 & np.uint64(255))
+                x0 >>= np.uint64(8)
+            q = ((x0 * rcp[s]) >> m32) >> sh[s]
+            x0 = x0 + bias[s] + q * cmpl[s]
+        else:
+            while x1 >= xm:
+                p -= 1
+                buf[p] = np.uint8(x1 & np.uint64(255))
+                x1 >>= np.uint64(8)
+            q = ((x1 * rcp[s]) >> m32) >> sh[s]
+            x1 = x1 + bias[s] + q * cmpl[s]
     for _ in range(4):
         p -= 1
-        buf[p] = np.uint8(x & np.uint64(255))
-        x >>= np.uint64(8)
+        buf[p] = np.uint8(x1 & np.uint64(255))
+        x1 >>= np.uint64(8)
+    for _ in range(4):
+        p -= 1
+        buf[p] = np.uint8(x0 & np.uint64(255))
+        x0 >>= np.uint64(8)
     return p
 
 
 def rans_decode_chunk(data, start, end, a, b, slot_sym, slot_fb, vtab, nesc_sym, out, escpos):
     """Decode the elements a..b-1 from data[start:end] into out (vtab[sym] for the direct
-    symbols); an escape symbol s >= nesc_sym records 2 i + (s - nesc_sym) in escpos[j] (j from
-    0).  Returns (err, escapes)."""
+    symbols; two interleaved states as the encoder); an escape symbol s >= nesc_sym records
+    2 i + (s - nesc_sym) in escpos[j] (j from 0).  Returns (err, escapes)."""
     p = start
-    if end - start < 4:
+    if end - start < 8:
         return ERR_PASTEND, 0
-    x = np.uint64(0)
+    x0 = np.uint64(0)
+    x1 = np.uint64(0)
     for _ in range(4):
-        x = (x << np.uint64(8)) | np.uint64(data[p])
+        x0 = (x0 << np.uint64(8)) | np.uint64(data[p])
+        p += 1
+    for _ in range(4):
+        x1 = (x1 << np.uint64(8)) | np.uint64(data[p])
         p += 1
     mask = np.uint64(M - 1)
     sb = np.uint64(SCALE_BITS)
     L = np.uint64(RANS_L)
+    m16 = np.uint64(0xFFFF)
+    s16 = np.uint64(16)
     ne = 0
-    for i in range(a, b):
-        slot = x & mask
-        fb = np.uint64(slot_fb[slot])
-        s = np.int64(slot_sym[slot])
-        x = (fb >> np.uint64(16)) * (x >> sb) + (fb & np.uint64(0xFFFF))
-        while x < L:
+    i = a
+    while i < b:
+        slot0 = x0 & mask
+        fb0 = np.uint64(slot_fb[slot0])
+        s0 = np.int64(slot_sym[slot0])
+        x0 = (fb0 >> s16) * (x0 >> sb) + (fb0 & m16)
+        has1 = i + 1 < b
+        if has1:
+            slot1 = x1 & mask
+            fb1 = np.uint64(slot_fb[slot1])
+            s1 = np.int64(slot_sym[slot1])
+            x1 = (fb1 >> s16) * (x1 >> sb) + (fb1 & m16)
+        while x0 < L:
             if p >= end:
                 return ERR_PASTEND, ne
-            x = (x << np.uint64(8)) | np.uint64(data[p])
+            x0 = (x0 << np.uint64(8)) | np.uint64(data[p])
             p += 1
-        if s < nesc_sym:
-            out[i] = vtab[s]
+        if s0 < nesc_sym:
+            out[i] = vtab[s0]
         else:
-            escpos[ne] = 2 * i + (s - nesc_sym)
+            escpos[ne] = 2 * i + (s0 - nesc_sym)
             ne += 1
-    if x != L or p != end:
+        if has1:
+            while x1 < L:
+                if p >= end:
+                    return ERR_PASTEND, ne
+                x1 = (x1 << np.uint64(8)) | np.uint64(data[p])
+                p += 1
+            if s1 < nesc_sym:
+                out[i + 1] = vtab[s1]
+            else:
+                escpos[ne] = 2 * (i + 1) + (s1 - nesc_sym)
+                ne += 1
+        i += 2
+    if x0 != L or x1 != L or p != end:
         return ERR_STATE, ne
     return ERR_OK, ne

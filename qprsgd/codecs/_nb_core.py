@@ -17,6 +17,7 @@ inline with the *same* algorithm numpy uses (``_pcg64``), then write the generat
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import threading
 
@@ -28,6 +29,39 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._pcg64 import PCG_MULT_HI, PCG_MULT_LO
+
+
+def _drop_stale_cache() -> None:
+    """numba's on-disk cache (``cache=True``) is keyed by the source file of each function, so a
+    kernel of ``_nb_qsgd`` that calls one of ``_nb_core`` keeps the old machine code when only
+    ``_nb_core`` changes.  The kernels are split over several files, so: a hash of all of them
+    is kept beside the cache, and when it differs every cached kernel of these files is
+    dropped (recompiled on first use).  A read-only install cannot hold stale entries."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    names = sorted(f for f in os.listdir(here)
+                   if (f.startswith("_nb_") or f == "_ans_kernels.py") and f.endswith(".py"))
+    h = hashlib.sha256()
+    for f in names:
+        with open(os.path.join(here, f), "rb") as fh:
+            h.update(f.encode() + b"\0" + fh.read())
+    digest = h.hexdigest()
+    cache = os.path.join(here, "__pycache__")
+    stamp = os.path.join(cache, "numba-kernels.sha256")
+    with contextlib.suppress(OSError):
+        with open(stamp) as fh:
+            if fh.read().strip() == digest:
+                return
+    stems = tuple(f[:-3] + "." for f in names)
+    with contextlib.suppress(OSError):
+        for f in os.listdir(cache):
+            if f.startswith(stems) and (f.endswith(".nbi") or f.endswith(".nbc")):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(cache, f))
+        with open(stamp, "w") as fh:
+            fh.write(digest)
+
+
+_drop_stale_cache()
 
 
 # numba's threading layer: ``workqueue`` unless the user names one (env NUMBA_THREADING_LAYER).

@@ -14,10 +14,11 @@ Wire (byte-aligned; nbits = 8 * bytes, nothing to pad):
   table       A = 2E + 1 frequencies as LEB128 varints (7 bits per byte, low first); they must
               sum to M
   lengths     C = ceil(d / 2^20) uint32 LE: the byte length of each chunk's rANS stream
-  streams     chunk t (elements t 2^20 .. min(d, (t+1) 2^20) - 1) as its own rANS stream
-              (32-bit state, L = 2^23, byte renormalisation; the encoder's final state in the
-              first 4 bytes, big-endian); its decoder must end in state L having read exactly
-              its length
+  streams     chunk t (elements t 2^20 .. min(d, (t+1) 2^20) - 1) as its own rANS stream with
+              two interleaved 32-bit states (element i of the chunk: state i mod 2), L = 2^23,
+              byte renormalisation; the encoder's final states first (state 0, state 1, 4 bytes
+              each, big-endian); its decoder must end with both states at L having read
+              exactly its length
   escapes     one uint32 LE (z - E) per escaped element, in element order; exactly the number
               of escape symbols, z <= s
 Decoded value: float32(float64(norm) * z / s) with the element's sign (+0.0 for level 0).
@@ -201,10 +202,10 @@ class QSGDAns(_QSGDBase):
         return min(self.s, E_MAX - 1) + 1
 
     def max_bytes(self):
-        # header + table (<= 2 bytes per varint) + lengths + streams (<= 14 bits/symbol + 4
+        # header + table (<= 2 bytes per varint) + lengths + streams (<= 14 bits/symbol + 8
         # bytes per chunk) + escapes
         return (10 + 2 * (2 * self.ecap + 1) + 4 * self.nch + (14 * self.d + 7) // 8
-                + 8 * self.nch + 4 * self.d)
+                + 16 * self.nch + 4 * self.d)
 
     def _scratch_arr(self, key, n, dtype):
         sc = self._thread_scratch()
