@@ -255,7 +255,6 @@ def build(cfg: Config, comm, out_dir: str, data=None, topology=None, backend: st
         # unless run.codec_threads says otherwise (docs/architecture.md)
         torch.set_num_threads(1)
         ct = cfg.run.codec_threads or 1
-    os.environ["QPRSGD_CODEC_THREADS"] = str(ct)
 
     # groups: the workers' (None on a dedicated server), then those the algorithm declares
     wc = comm.split(0 if rank in roles.workers else -1)
@@ -298,7 +297,7 @@ def build(cfg: Config, comm, out_dir: str, data=None, topology=None, backend: st
     codec = None
     if cfg.codec is not None:
         centry = CODECS.get(cfg.codec.name)
-        raw = centry.factory(flat.d, flat.blocks, **cfg.codec.kwargs())
+        raw = centry.factory(flat.d, flat.blocks, threads=ct, **cfg.codec.kwargs())
         raw.warmup()  # JIT compile / cache load now, not in step 0's t_codec
         codec = TimedCodec(raw, comm.ledger)
     env = Env(

@@ -9,17 +9,21 @@ bits/element and the break-even bandwidth B* = (32 d - nbits) / (t_enc + t_dec):
 slower than B* compressing saves wall time.
 
     .venv/bin/python scripts/bench_codecs.py [--d 10000000] [--repeat 5] [--codecs qsgd,sign]
-                                             [--xp numpy|cupy] [--backend default|numpy|both]
+                                             [--xp numpy|cupy]
+                                             [--backend default|numpy|numba|both|cuda]
 
 Decode is measured into a reused output buffer (``codec.decode(data, out=buf)``, steady state:
 no fresh 4 d-byte allocation and its page faults per call); ``--fresh`` also times the default
 ``decode(data)`` that returns a fresh array (column ``t_dec fresh``).  ``--threads 1,2`` runs
-the numba codecs (qsgd, qsgd_scaled, block_sign, sign) once per thread count (default: the
-codec's own, QPRSGD_CODEC_THREADS or 2).
+the numba codecs (qsgd, qsgd_scaled, qsgd_ans, block_sign, sign) once per thread count (the codec's
+``threads=`` argument; default 2).
 
-The ``backend`` column says which kernels ran: ``numba`` (compiled, the default for numpy arrays
-when numba imports) or ``numpy`` (vectorized; QPRSGD_NO_NUMBA=1, cupy, or ``--backend numpy``).
-``--backend both`` runs every codec that has a numba path twice.  Do not pin it to one core
+The ``backend`` column says which kernels ran (the codec's ``backend=`` argument): ``default``
+is ``auto`` (numba for numpy arrays when numba imports, else numpy); ``both`` runs every codec
+that has a numba backend on numba and numpy; ``cuda`` builds every codec with ``backend="cuda"``
+on CuPy arrays (needs a GPU and CuPy; codecs without a CUDA backend are listed as skipped).
+``topk`` also prints its ratio to the previous ``argpartition`` selection measured in the same
+run.  Do not pin it to one core
 (the threaded rows need two); on a busy machine repeat it and compare the ratio columns: memcpy
 is measured in the same run.  All vectors here fit in a large L3 on the 2-core machine, so these
 are cache-warm steady-state figures.
@@ -53,6 +57,7 @@ def resnet18_blocks(num_classes: int = 10) -> list[int]:
 
 
 CONFIGS = [("identity", {}), ("qsgd", {}), ("qsgd_scaled", {}), ("qsgd_runlength", {}),
+           ("qsgd_ans", {}),
            ("stochastic_bits", {"b": 8}), ("stochastic_bits", {"b": 4}), ("sign", {}),
            ("block_sign", {}), ("topk", {"ratio": 0.01}), ("randk", {"ratio": 0.01}),
            ("bernoulli_p", {"p": 0.01})]
@@ -77,14 +82,17 @@ def main(argv=None):
     ap.add_argument("--codecs", default=None, help="comma-separated codec names (default: all)")
     ap.add_argument("--xp", default="numpy", choices=["numpy", "cupy"])
     ap.add_argument("--no-resnet", action="store_true", help="skip the ResNet-18-sized vector")
-    ap.add_argument("--backend", default="default", choices=["default", "numpy", "both"],
-                    help="numpy: force the vectorized kernels; both: numba and numpy rows")
+    ap.add_argument("--backend", default="default",
+                    choices=["default", "numpy", "numba", "both", "cuda"],
+                    help="numpy/numba/cuda: that backend only; both: numba and numpy rows")
     ap.add_argument("--threads", default=None,
                     help="comma-separated codec thread counts for the numba codecs (default: 2)")
     ap.add_argument("--fresh", action="store_true",
                     help="also time decode into a fresh array (the default decode)")
     a = ap.parse_args(argv)
-    tlist = [int(t) for t in a.threads.split(",")] if a.threads else [None]
+    tlist = [int(t) for t in a.threads.split(",")] if a.threads else [2]
+    if a.backend == "cuda":
+        a.xp = "cupy"
     if a.xp == "cupy":
         import cupy as xp
 
@@ -106,27 +114,27 @@ def main(argv=None):
               " dec/memcpy | t_enc ms | t_dec ms | B* Gb/s |" + (" t_dec fresh ms |" if a.fresh else ""))
         print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if a.fresh else ""))
         runs = []
+        backends = {"default": ["auto"], "numpy": ["numpy"], "numba": ["numba"],
+                    "both": ["numba", "numpy"], "cuda": ["cuda"]}[a.backend]
         for name, params in CONFIGS:
             if wanted and name not in wanted:
                 continue
             e = CODECS.get(name)
             p = e.params(**params).model_dump() if e.params else {}
-            codec = e.factory(d, blocks if name == "block_sign" and blocks else None, xp=xp, **p)
-            if name == "block_sign" and not blocks:
-                codec = e.factory(d, None, xp=xp, block_size=1 << 18)
-            has_nb = getattr(codec, "backend", "numpy") == "numba"
-            if a.backend in ("default", "both") or not has_nb:
-                threaded = has_nb and name in ("qsgd", "qsgd_scaled", "sign", "block_sign")
-                for nt in (tlist if threaded else [None]):
-                    c1 = codec
-                    if nt is not None:
-                        c1 = e.factory(d, codec.blocks if name == "block_sign" else None, xp=xp, **p)
-                        c1.threads = nt
-                    runs.append((name, params, c1))
-            if has_nb and a.backend in ("numpy", "both"):
-                c2 = e.factory(d, codec.blocks if name == "block_sign" else None, xp=xp, **p)
-                c2.backend = "numpy"
-                runs.append((name, params, c2))
+            if name == "block_sign":
+                p = dict(p, block_size=None if blocks else 1 << 18)
+            bl = blocks if name == "block_sign" else None
+            for be in backends:
+                threaded = name in ("qsgd", "qsgd_scaled", "qsgd_ans", "sign", "block_sign")
+                for nt in (tlist if threaded else [1]):
+                    try:
+                        codec = e.factory(d, bl, xp=xp, backend=be, threads=nt, **p)
+                    except ValueError as err:
+                        print(f"| {name} | skipped: {err} |")
+                        break
+                    if be == "auto" and codec.backend != "numba" and nt != tlist[0]:
+                        break
+                    runs.append((name, params, codec))
         for name, params, codec in runs:
             rng = np.random.default_rng(1)
             te, pay = best(lambda: codec.encode(x, rng), a.repeat, sync)
@@ -140,12 +148,24 @@ def main(argv=None):
                 desc = f"B={codec.B}"
             if name.startswith("qsgd"):
                 desc = f"s={codec.s}"
-            backend = getattr(codec, "backend", "numpy")
-            nt = codec._nt() if backend == "numba" and hasattr(codec, "_nt") else 1
+            backend = codec.backend
+            nt = codec._nt() if hasattr(codec, "_nt") else 1
             print(f"| {name} | {desc} | {backend} | {nt} | {pay.nbits / d:.3f} | {gbe:.2f} | {gbd:.2f} |"
                   f" {gbe / mc:.2f} | {gbd / mc:.2f} | {te * 1e3:.1f} | {td * 1e3:.1f} | {bstar:.2f} |"
                   + (f" {tdf * 1e3:.1f} |" if a.fresh else ""))
-            if name in ("qsgd", "qsgd_runlength"):
+            if name == "topk" and xp is np:
+                from qprsgd.codecs.sparse import topk_argpartition
+
+                def old():
+                    idx = topk_argpartition(x, codec.k)
+                    return codec._pack(idx, x[idx])
+
+                t_old, _ = best(old, a.repeat, sync)
+                b_old = (32 * d - pay.nbits) / (t_old + td) / 1e9
+                print(f"|  | previous argpartition encode, same run: {t_old * 1e3:.1f} ms, B* "
+                      f"{b_old:.2f} Gb/s; encode speed-up {t_old / te:.2f}x, B* ratio "
+                      f"{bstar / b_old:.2f}x | | | | | | | | | | |" + (" |" if a.fresh else ""))
+            if name in ("qsgd", "qsgd_runlength", "qsgd_ans"):
                 print(f"|  | wire size at s={codec.s}: {pay.nbytes / 2**20:.2f} MiB = "
                       f"{100 * pay.nbits / (32 * d):.1f}% of fp32 ({32 * d / 8 / 2**20:.2f} MiB) |"
                       " | | | | | | | | | |" + (" |" if a.fresh else ""))

@@ -3,18 +3,17 @@ not: their summation order depends on it, which once made two identical runs dif
 import numpy as np
 import pytest
 
-from qprsgd.codecs import _numba_kernels as nk
+from qprsgd.codecs.backends import numba_importable
 from qprsgd.registry import CODECS
 
 
-@pytest.mark.parametrize("use_numba", [False, True] if nk.enabled() else [False])
+@pytest.mark.parametrize("backend", ["numpy", "numba"] if numba_importable() else ["numpy"])
 @pytest.mark.parametrize("name,params", [("block_sign", {}), ("sign", {}), ("qsgd", {}),
                                          ("stochastic_bits", {"b": 4})])
-def test_payload_independent_of_alignment(monkeypatch, name, params, use_numba):
-    monkeypatch.setattr(nk, "USE_NUMBA", use_numba)
+def test_payload_independent_of_alignment(name, params, backend):
     d = 100_003
     v = np.random.default_rng(1).standard_normal(d).astype(np.float32) * 3
-    codec = CODECS.get(name).factory(d, (50_000, 50_003), **params)
+    codec = CODECS.get(name).factory(d, (50_000, 50_003), backend=backend, threads=2, **params)
     outs = set()
     for off in range(16):
         buf = np.empty(d + 16, np.float32)[off:off + d]

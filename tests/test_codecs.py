@@ -76,7 +76,8 @@ def ref_qsgd(x, s, u):
 def ref_runlength(x, s, u):
     norm, zeta = ref_qsgd_levels(x, s, u)
     nz = [i for i, z in enumerate(zeta) if z]
-    bits = f32bits_le(norm) + gamma(len(nz) + 1)
+    d_le = "".join(f"{b:08b}" for b in np.uint32(len(x)).astype("<u4").tobytes())
+    bits = f32bits_le(norm) + d_le + gamma(len(nz) + 1)
     prev = -1
     for i in nz:
         bits += gamma(i - prev) + ("1" if x[i] < 0 else "0") + gamma(zeta[i])
@@ -193,13 +194,14 @@ def test_sparse_exact(d, kind):
     k = max(1, d // 4)
     c = make("topk", d, k=k)
     p = c.encode(x)
-    idx = np.frombuffer(p.data[:4 * k].tobytes(), "<u4").astype(np.int64)
+    assert np.frombuffer(p.data[:4].tobytes(), "<u4")[0] == d
+    idx = np.frombuffer(p.data[4:4 + 4 * k].tobytes(), "<u4").astype(np.int64)
     assert np.all(np.diff(idx) > 0)
     kept = np.sort(np.abs(x[idx]))
     assert np.array_equal(kept, np.sort(np.abs(x))[d - k:])
     ref = np.zeros(d, np.float32)
     ref[idx] = x[idx]
-    assert p.nbits == 64 * k and np.array_equal(c.decode(p), ref)
+    assert p.nbits == 32 + 64 * k and np.array_equal(c.decode(p), ref)
     v64 = x.astype(np.float64)
     assert np.sum((ref - v64) ** 2) <= (1 - k / d) * np.sum(v64 ** 2) * (1 + 1e-6) + 1e-300
     # randk: idx = sorted(rng.choice(d, k, replace=False)); values v_i * float32(d/k)
@@ -208,13 +210,13 @@ def test_sparse_exact(d, kind):
     ridx = np.sort(np.random.default_rng(7).choice(d, size=r.k, replace=False))
     ref = np.zeros(d, np.float32)
     ref[ridx] = x[ridx] * np.float32(d / r.k)
-    assert p.nbits == 64 * r.k and len(p.data) == 8 * r.k and np.array_equal(r.decode(p), ref)
+    assert p.nbits == 32 + 64 * r.k and len(p.data) == 4 + 8 * r.k and np.array_equal(r.decode(p), ref)
     # bernoulli_p: keep iff U_i < float32(p), U = rng.random(d, dtype=float32); value float32(z/p)
     b = make("bernoulli_p", d, p=0.4)
     p = b.encode(x, np.random.default_rng(8))
     keep = np.random.default_rng(8).random(d, dtype=np.float32) < np.float32(0.4)
     ref = np.where(keep, (x.astype(np.float64) / 0.4).astype(np.float32), 0).astype(np.float32)
-    assert p.nbits == 32 + 64 * int(keep.sum()) and len(p.data) == p.nbits // 8
+    assert p.nbits == 64 + 64 * int(keep.sum()) and len(p.data) == p.nbits // 8
     assert np.array_equal(b.decode(p), ref)
 
 
@@ -306,13 +308,15 @@ def test_malformed_specific():
     assert np.array_equal(c.decode(np.frombuffer(bits_to_bytes(ok), np.uint8)), np.zeros(d, np.float32))
     # sparse: indices not increasing / out of range / NaN value
     t = make("topk", 10, k=2)
-    for idx, vals in [((3, 3), (1, 1)), ((5, 2), (1, 1)), ((1, 10), (1, 1)), ((1, 2), (np.nan, 1))]:
-        data = np.concatenate([np.array(idx, "<u4").view(np.uint8), np.array(vals, "<f4").view(np.uint8)])
-        with pytest.raises(CodecError):
+    for idx, vals, msg in [((3, 3), (1, 1), "increasing"), ((5, 2), (1, 1), "increasing"),
+                           ((1, 10), (1, 1), "range"), ((1, 2), (np.nan, 1), "non-finite")]:
+        data = np.concatenate([np.array((10,) + idx, "<u4").view(np.uint8),
+                               np.array(vals, "<f4").view(np.uint8)])
+        with pytest.raises(CodecError, match=msg):
             t.decode(data)
     bp = make("bernoulli_p", 10, p=0.5)
-    with pytest.raises(CodecError):
-        bp.decode(np.array([11, 0, 0, 0] + [0] * 88, np.uint8))
+    with pytest.raises(CodecError, match="count 11"):
+        bp.decode(np.array([10, 0, 0, 0, 11, 0, 0, 0] + [0] * 88, np.uint8))
     sb = make("stochastic_bits", 10, b=8)
     with pytest.raises(CodecError):
         sb.decode(np.concatenate([np.array([2.0, 1.0], "<f4").view(np.uint8), np.zeros(10, np.uint8)]))
@@ -320,7 +324,7 @@ def test_malformed_specific():
     with pytest.raises(CodecError):
         bsn.decode(np.concatenate([np.array([-1.0, 1.0], "<f4").view(np.uint8), np.zeros(2, np.uint8)]))
     r = make("qsgd_runlength", 10, s=3)
-    bits = f32bits_le(1.0) + gamma(2) + gamma(11) + "0" + gamma(1)  # index 10 >= d
+    bits = f32bits_le(1.0) + f"{10:08b}" + "0" * 24 + gamma(2) + gamma(11) + "0" + gamma(1)  # 10 >= d
     with pytest.raises(CodecError, match="range"):
         r.decode(np.frombuffer(bits_to_bytes(bits), np.uint8))
 
@@ -335,7 +339,7 @@ def test_params_and_registry():
     with pytest.raises(Exception):
         CODECS.get("topk").params(k=3, ratio=0.1)
     assert make("topk", 100, ratio=0.1).k == 10
-    for name in ["identity", "qsgd", "qsgd_scaled", "qsgd_runlength", "stochastic_bits", "sign",
+    for name in ["identity", "qsgd", "qsgd_scaled", "qsgd_runlength", "qsgd_ans", "stochastic_bits", "sign",
                  "block_sign", "topk", "randk", "bernoulli_p"]:
         assert name in CODECS.names()
 
@@ -423,3 +427,127 @@ def test_warmup_leaves_the_codec_unchanged(name, params):
     a, b = cold.encode(x, np.random.default_rng(7)), warm.encode(x, np.random.default_rng(7))
     assert a.nbits == b.nbits and a.data.tobytes() == b.data.tobytes()
     assert np.array_equal(cold.decode(a.data), warm.decode(b.data))
+
+
+# --- payloads for another d; -0.0 headers; the sign and identity wire helpers --------------------
+
+ALL = [("identity", {}), ("sign", {}), ("block_sign", {"block_size": 300}), ("qsgd", {"s": 31}),
+       ("qsgd_scaled", {"s": 31}), ("qsgd_runlength", {"s": 31}), ("qsgd_ans", {"s": 31}), ("stochastic_bits", {"b": 5}),
+       ("stochastic_bits", {"b": 8}), ("topk", {"k": 10}), ("randk", {"k": 10}),
+       ("bernoulli_p", {"p": 0.1})]
+
+
+def _backends(name):
+    impls = CODECS.get(name).factory.IMPLS or {"numpy": None}
+    from qprsgd.codecs.backends import numba_importable
+    return [b for b in ("numpy", "numba") if b in impls and (b != "numba" or numba_importable())]
+
+
+@pytest.mark.parametrize("name,params", ALL)
+def test_payload_for_another_d_is_a_codec_error(name, params):
+    """A payload encoded for d1 and decoded by a codec built for d2 != d1 raises CodecError in
+    every codec and backend (sizes chosen so that byte counts coincide: 999/1000/1001/1003/1008).
+
+    Exception, documented in docs/codecs.md: the fixed-length formats with sub-byte fields and no
+    d field (sign, block_sign, stochastic_bits -- their bit counts are the papers' formulas) refuse
+    another d only when its byte count differs."""
+    ds = [999, 1000, 1001, 1003, 1008, 2000]
+    fixed = name in ("sign", "block_sign", "stochastic_bits")
+    for backend in _backends(name):
+        codecs = {d: CODECS.get(name).factory(d, None, backend=backend, **params) for d in ds}
+        for d1 in ds:
+            x = np.random.default_rng(d1).standard_normal(d1).astype(np.float32)
+            data = codecs[d1].encode(x, np.random.default_rng(0)).data
+            for d2 in ds:
+                if d2 == d1 or (fixed and codecs[d2].nbytes == codecs[d1].nbytes):
+                    continue
+                with pytest.raises(CodecError):
+                    codecs[d2].decode(data)
+
+
+@pytest.mark.parametrize("name", ["qsgd", "qsgd_scaled", "qsgd_runlength", "qsgd_ans", "sign",
+                                  "block_sign"])
+def test_negative_zero_header_refused_identically(name):
+    """A norm (qsgd family) or scale (sign family) of -0.0 -- never produced by an encoder -- is a
+    CodecError with the same message on every backend (it decoded to zeros of different signs on
+    the numba and numpy paths)."""
+    d = 257
+    x = np.zeros(d, np.float32)
+    x[3] = -1.0
+    msgs = []
+    for backend in _backends(name):
+        c = CODECS.get(name).factory(d, None, backend=backend)
+        data = c.encode(np.zeros(d, np.float32), np.random.default_rng(0)).data.copy()
+        assert c.decode(data).tobytes() == np.zeros(d, np.float32).tobytes()  # +0.0 decodes
+        data[3] |= 0x80  # float32 +0.0 -> -0.0 (little-endian: sign bit in byte 3)
+        with pytest.raises(CodecError, match=r"\+0\.0") as e:
+            c.decode(data)
+        msgs.append(str(e.value))
+    assert len(set(msgs)) == 1
+
+
+def test_sign_wire_helpers_one_convention():
+    """pack_signs is exactly the sign codec's sign bits (bit 1 = negative, sign(0) = sign(-0.0) =
+    +1); unpack_signs inverts it; majority_signs votes with ties to +1."""
+    from qprsgd.codecs.sign import majority_signs, pack_signs, unpack_signs
+
+    d = 1001
+    x = np.random.default_rng(0).standard_normal(d).astype(np.float32)
+    x[:4] = [0.0, -0.0, -1e-45, 1e-45]
+    bits = pack_signs(x)
+    for backend in _backends("sign"):
+        p = CODECS.get("sign").factory(d, None, backend=backend).encode(x)
+        assert bits.tobytes() == p.data[4:].tobytes()
+    s = unpack_signs(bits, d)
+    assert s[:4].tolist() == [1, 1, -1, 1]
+    assert np.array_equal(s, np.where(x < 0, -1, 1).astype(np.float32))
+    S = np.array([[1, -1, -1, 1], [-1, 1, -1, 1]], np.float32)
+    assert unpack_signs(majority_signs([pack_signs(r) for r in S], 4), 4).tolist() == [1, 1, -1, 1]
+    with pytest.raises(CodecError, match="padding"):
+        unpack_signs(np.array([0xFF], np.uint8), 3)
+    with pytest.raises(CodecError, match="bytes"):
+        unpack_signs(np.zeros(2, np.uint8), 3)
+
+
+def test_identity_raw_helpers_are_the_identity_wire():
+    from qprsgd.codecs.identity import from_raw, raw_bytes
+
+    d = 37
+    x = np.random.default_rng(1).standard_normal(d).astype(np.float32)
+    c = CODECS.get("identity").factory(d, None)
+    assert raw_bytes(x).tobytes() == c.encode(x).data.tobytes()
+    assert np.shares_memory(raw_bytes(x), x)                      # no copy on the hot path
+    assert np.array_equal(from_raw(raw_bytes(x), d), x)
+    with pytest.raises(CodecError, match="4\\*d"):
+        from_raw(raw_bytes(x), d + 1)
+
+
+@pytest.mark.parametrize("d,k", [(1, 1), (10, 3), (1000, 10), (1000, 1000), (300_001, 3000),
+                                 (300_001, 70_000)])
+@pytest.mark.parametrize("kind", ["gauss", "ties", "zeros", "sample_heavy"])
+def test_topk_is_the_first_k_of_a_full_sort(d, k, kind):
+    """Exact top-k on both backends: the indices are the first k of a full sort by (-|x_i|, i),
+    sent ascending -- also with many ties (rounded values, +-0.0) and when the sampled threshold
+    lets fewer than k elements through (sample_heavy: every sampled element is large, so the
+    filter falls back to all elements)."""
+    x = np.random.default_rng(d).standard_normal(d).astype(np.float32)
+    if kind == "ties":
+        x = np.round(x * 2).astype(np.float32)
+        x[::7] *= -1
+    elif kind == "zeros":
+        x[:] = 0
+        x[::3] = -0.0
+    elif kind == "sample_heavy" and d > 4 * (1 << 16):
+        x[::d // (1 << 16)] = 100.0
+    want = np.sort(np.lexsort((np.arange(d), -np.abs(x.astype(np.float64))))[:k])
+    for backend in _backends("topk"):
+        c = CODECS.get("topk").factory(d, None, backend=backend, k=k)
+        p = c.encode(x)
+        idx = np.frombuffer(p.data[4:4 + 4 * k].tobytes(), "<u4")
+        assert np.array_equal(idx, want), backend
+        assert p.data[4 + 4 * k:].tobytes() == x[want].astype("<f4").tobytes()
+    if _backends("topk")[-1] == "numba":
+        bad = x.copy()
+        bad[d // 2] = np.inf
+        with pytest.raises(CodecError, match="NaN or Inf"):
+            CODECS.get("topk").factory(d, None, backend="numba", k=k).encode(bad)

@@ -12,11 +12,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qprsgd.codecs import CodecError
-from qprsgd.codecs import _numba_kernels as nk
+from qprsgd.codecs import _pcg64
+from qprsgd.codecs.backends import numba_importable
+
+if numba_importable():
+    from qprsgd.codecs import _nb_core
 from qprsgd.codecs.qsgd import norm_acc
 from qprsgd.registry import CODECS
 
-pytestmark = pytest.mark.skipif(not nk.HAVE_NUMBA, reason="numba not installed")
+pytestmark = pytest.mark.skipif(not numba_importable(), reason="numba not installed")
 
 QSGD_FAMILY = ["qsgd", "qsgd_scaled", "qsgd_runlength"]
 
@@ -24,8 +28,7 @@ QSGD_FAMILY = ["qsgd", "qsgd_scaled", "qsgd_runlength"]
 def make(name, d, backend, **params):
     e = CODECS.get(name)
     p = e.params(**params).model_dump() if e.params else {}
-    c = e.factory(d, None, xp=np, **p)
-    c.backend = backend
+    c = e.factory(d, None, xp=np, backend=backend, **p)
     return c
 
 
@@ -145,13 +148,13 @@ def test_inline_pcg64_equals_numpy(skip):
     rng.random(skip, dtype=np.float32)
     ref.random(skip, dtype=np.float32)
     for n in [1, 2, 7, 4096]:
-        state, bg = nk.pcg64_state(rng)
+        state, bg = _pcg64.state_of(rng)
         out = np.empty(n, np.float32)
-        nk.pcg64_fill_f32(state, out)
-        nk.pcg64_store(bg, state)
+        _nb_core.pcg64_fill_f32(state, out)
+        _pcg64.store(bg, state)
         assert np.array_equal(out, ref.random(n, dtype=np.float32))
     assert rng.random() == ref.random() and rng.integers(1 << 62) == ref.integers(1 << 62)
-    assert nk.pcg64_state(np.random.Generator(np.random.Philox(0))) == (None, None)
+    assert _pcg64.state_of(np.random.Generator(np.random.Philox(0))) == (None, None)
 
 
 def gamma(k):
@@ -165,6 +168,7 @@ def to_bytes(bits):
 
 
 NORM1 = format(int.from_bytes(np.float32(1.0).astype("<f4").tobytes(), "big"), "032b")
+D10 = "".join(f"{b:08b}" for b in np.uint32(10).astype("<u4").tobytes())  # runlength's d field
 
 
 def both_raise(name, d, data, match, **params):
@@ -191,12 +195,12 @@ def test_malformed_messages_match():
     nan[:4] = np.frombuffer(np.float32(np.nan).astype("<f4").tobytes(), np.uint8)
     both_raise("qsgd", d, nan, "norm", s=3)
     # runlength: index out of range, level > s, count > d, record past the end
-    both_raise("qsgd_runlength", 10, to_bytes(NORM1 + gamma(2) + gamma(11) + "0" + gamma(1)),
+    both_raise("qsgd_runlength", 10, to_bytes(NORM1 + D10 + gamma(2) + gamma(11) + "0" + gamma(1)),
                "range", s=3)
-    both_raise("qsgd_runlength", 10, to_bytes(NORM1 + gamma(2) + gamma(1) + "0" + gamma(4)),
+    both_raise("qsgd_runlength", 10, to_bytes(NORM1 + D10 + gamma(2) + gamma(1) + "0" + gamma(4)),
                "level", s=3)
-    both_raise("qsgd_runlength", 10, to_bytes(NORM1 + gamma(12) + "1" * 40), "non-zeros", s=3)
-    both_raise("qsgd_runlength", 10, to_bytes(NORM1 + gamma(3) + gamma(1) + "0" + gamma(1)
+    both_raise("qsgd_runlength", 10, to_bytes(NORM1 + D10 + gamma(12) + "1" * 40), "non-zeros", s=3)
+    both_raise("qsgd_runlength", 10, to_bytes(NORM1 + D10 + gamma(3) + gamma(1) + "0" + gamma(1)
                                               + "1" + "0"), "truncated", s=3)
 
 
@@ -283,15 +287,15 @@ def test_warmup_compiles_the_kernels():
     compiled signature before the call."""
     code = (
         "import numpy as np\n"
-        "from qprsgd.codecs import _numba_kernels as nk\n"
+        "from qprsgd.codecs import _nb_qsgd as nq, _nb_sign as ns\n"
         "from qprsgd.registry import CODECS\n"
-        "ks = [nk.qsgd_quantize_pack, nk.qsgd_decode_from, nk.block_sign_encode, nk.block_sign_decode]\n"
+        "ks = [nq.qsgd_quantize_pack, nq.qsgd_decode_from, ns.block_sign_encode, ns.block_sign_decode]\n"
         "assert all(not k.signatures for k in ks), [k.signatures for k in ks]\n"
         "CODECS.get('qsgd').factory(1000, None, xp=np).warmup()\n"
-        "assert nk.qsgd_quantize_pack.signatures and nk.qsgd_decode_from.signatures\n"
-        "assert not nk.block_sign_encode.signatures\n"
+        "assert nq.qsgd_quantize_pack.signatures and nq.qsgd_decode_from.signatures\n"
+        "assert not ns.block_sign_encode.signatures\n"
         "CODECS.get('block_sign').factory(1000, (400, 600), xp=np).warmup()\n"
-        "assert nk.block_sign_encode.signatures and nk.block_sign_decode.signatures\n"
+        "assert ns.block_sign_encode.signatures and ns.block_sign_decode.signatures\n"
         "print('ok')\n")
     env = {k: v for k, v in os.environ.items() if k != "QPRSGD_NO_NUMBA"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
@@ -304,12 +308,11 @@ def test_parallel_kernels_leave_torch_threads_alone():
     node then oversubscribed it).  Fresh interpreter: the threading layer is chosen at first use."""
     code = (
         "import os\n"
-        "os.environ['QPRSGD_CODEC_THREADS'] = '2'\n"
         "import numpy as np, torch, numba\n"
         "torch.set_num_threads(1)\n"
         "from qprsgd.registry import CODECS\n"
         "for name in ('qsgd', 'block_sign'):\n"
-        "    c = CODECS.get(name).factory(1 << 20, None, xp=np)\n"
+        "    c = CODECS.get(name).factory(1 << 20, None, xp=np, threads=2)\n"
         "    p = c.encode(np.linspace(-1, 1, 1 << 20, dtype=np.float32), np.random.default_rng(0))\n"
         "    c.decode(p.data)\n"
         "    assert c._nt() == 2, c._nt()\n"
@@ -323,6 +326,6 @@ def test_parallel_kernels_leave_torch_threads_alone():
 def test_parallel_context_sets_and_restores_threads():
     import numba
     before = numba.get_num_threads()
-    with nk.parallel(1):
+    with _nb_core.parallel(1):
         assert numba.get_num_threads() == 1
     assert numba.get_num_threads() == before

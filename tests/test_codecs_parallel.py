@@ -2,7 +2,6 @@
 the "Multi-threaded kernels" section): byte-identical payloads, bit-identical decoded vectors and
 the same generator state for any thread count; the same CodecError (message included) on
 malformed payloads; decode into a caller-provided buffer (``decode(data, out=...)``)."""
-import os
 import subprocess
 import sys
 
@@ -10,10 +9,14 @@ import numpy as np
 import pytest
 
 from qprsgd.codecs import CodecError
-from qprsgd.codecs import _numba_kernels as nk
+from qprsgd.codecs import _pcg64
+from qprsgd.codecs.backends import numba_importable
+
+if numba_importable():
+    from qprsgd.codecs import _nb_core, _nb_qsgd
 from qprsgd.registry import CODECS
 
-needs_numba = pytest.mark.skipif(not nk.enabled(), reason="numba kernels disabled")
+needs_numba = pytest.mark.skipif(not numba_importable(), reason="numba kernels disabled")
 
 SIZES = [1, 7, 1000, 300_001]
 
@@ -21,11 +24,8 @@ SIZES = [1, 7, 1000, 300_001]
 def make(name, d, threads, blocks=None, backend="numba", **params):
     e = CODECS.get(name)
     p = e.params(**params).model_dump() if e.params else {}
-    c = e.factory(d, blocks, xp=np, **p)
-    c.backend = backend
-    if hasattr(c, "threads"):
-        c.threads = threads
-        c.par_min_d = 0  # use the parallel kernels even for tiny d
+    c = e.factory(d, blocks, xp=np, backend=backend, threads=threads, **p)
+    c.par_min_d = 0  # use the parallel kernels even for tiny d
     return c
 
 
@@ -99,13 +99,13 @@ def test_reference_single_record_decoder_agrees():
         c = make("qsgd", d, 1, s=s)
         x = vec(d, seed=s) * np.float32(np.random.default_rng(s).random(d) ** 4)
         pay = c.encode(x, np.random.default_rng(s))
-        words = c._nb_words(pay.data)
+        words = c.impl.words(pay.data)
         norm = np.frombuffer(pay.data[:4].tobytes(), "<f4")[0]
-        tab, nsc = c._table(norm, 1.0)
+        tab, nsc = c.impl._table(norm, 1.0)
         o1, o2 = np.empty(d, np.float32), np.empty(d, np.float32)
-        r1 = nk.qsgd_decode(words, 8 * pay.nbytes, d, c.nmax, s, tab, nsc, float(s), o1)
-        r2 = nk.qsgd_decode_from(words, 32, 0, 8 * pay.nbytes, d, c.nmax, s, tab, nsc, float(s),
-                                 o2, *c._fast())
+        r1 = _nb_qsgd.qsgd_decode(words, 8 * pay.nbytes, d, c.nmax, s, tab, nsc, float(s), o1)
+        r2 = _nb_qsgd.qsgd_decode_from(words, 32, 0, 8 * pay.nbytes, d, c.nmax, s, tab, nsc, float(s),
+                                 o2, *c.impl._fast())
         assert tuple(int(v) for v in r1) == tuple(int(v) for v in r2)
         assert same_vec(o1, o2)
 
@@ -187,13 +187,13 @@ def test_pcg64_segment_states():
     for pre in (0, 1, 2):
         r = np.random.default_rng(9)
         r.random(pre, dtype=np.float32)
-        st, _ = nk.pcg64_state(r)
+        st, _ = _pcg64.state_of(r)
         starts = [0, 1, 2, 3, 2048, 4097, 100_001]
-        rows = nk.pcg64_segment_states(st, starts)
+        rows = _pcg64.segment_states(st, starts)
         ref = r.random(100_010, dtype=np.float32)
         for t, e in enumerate(starts):
             u = np.empty(5, np.float32)
-            nk.pcg64_fill_f32(rows[t].copy(), u)
+            _nb_core.pcg64_fill_f32(rows[t].copy(), u)
             assert np.array_equal(u, ref[e:e + 5]), (pre, e)
 
 
@@ -261,8 +261,10 @@ CONFIGS = [("identity", {}), ("qsgd", {}), ("qsgd_scaled", {"s": 7}), ("qsgd_run
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
 @pytest.mark.parametrize("name,params", CONFIGS)
 def test_decode_into_out(name, params, backend):
-    if backend == "numba" and not nk.enabled():
+    if backend == "numba" and not numba_importable():
         pytest.skip("numba kernels disabled")
+    if backend not in (CODECS.get(name).factory.IMPLS or {"numpy": None}):
+        pytest.skip(f"{name} has no {backend} backend")
     d = 1001
     c = make(name, d, 2, [500, 501] if name == "block_sign" else None, backend=backend,
              **params)
@@ -285,30 +287,32 @@ def test_decode_into_out(name, params, backend):
 
 # --- thread configuration -----------------------------------------------------------------------
 
-def test_threads_env(monkeypatch):
-    monkeypatch.setenv("QPRSGD_CODEC_THREADS", "1")
-    assert nk.threads() == 1
+def test_threads_argument(monkeypatch):
+    """Threads are a constructor argument (default 1); the environment plays no part."""
+    monkeypatch.setenv("QPRSGD_CODEC_THREADS", "5")
     assert CODECS.get("qsgd").factory(10, None).threads == 1
-    monkeypatch.delenv("QPRSGD_CODEC_THREADS")
-    assert nk.threads() == 2
-    for bad in ("0", "-1", "two"):
-        monkeypatch.setenv("QPRSGD_CODEC_THREADS", bad)
-        with pytest.raises(ValueError, match="QPRSGD_CODEC_THREADS"):
-            nk.threads()
+    assert CODECS.get("qsgd").factory(10, None, threads=3).threads == 3
+    for bad in (0, -1, "two", 1.5, True):
+        with pytest.raises(ValueError, match="threads"):
+            CODECS.get("qsgd").factory(10, None, threads=bad)
+    with pytest.raises(ValueError, match="backend"):
+        CODECS.get("qsgd").factory(10, None, backend="gpu")
+    with pytest.raises(ValueError, match="backend 'numba' is not implemented"):
+        CODECS.get("randk").factory(10, None, backend="numba", k=2)
 
 
 @needs_numba
 def test_thread_count_does_not_change_bytes_across_processes():
-    """The same payload from a process with QPRSGD_CODEC_THREADS=1 and one with 2."""
-    code = ("import numpy as np, hashlib; from qprsgd.registry import CODECS; "
+    """The same payload from a process whose codecs run 1 thread and one with 2."""
+    code = ("import sys, numpy as np, hashlib; from qprsgd.registry import CODECS; "
+            "nt = int(sys.argv[1]); "
             "d = 400_003; x = np.random.default_rng(0).standard_normal(d).astype(np.float32); "
-            "a = CODECS.get('qsgd').factory(d, None).encode(x, np.random.default_rng(1)).data; "
-            "b = CODECS.get('block_sign').factory(d, (200_000, 200_003)).encode(x).data; "
+            "a = CODECS.get('qsgd').factory(d, None, threads=nt).encode(x, np.random.default_rng(1)).data; "
+            "b = CODECS.get('block_sign').factory(d, (200_000, 200_003), threads=nt).encode(x).data; "
             "print(hashlib.sha256(a.tobytes() + b.tobytes()).hexdigest())")
     outs = []
     for nt in ("1", "2"):
-        env = dict(os.environ, QPRSGD_CODEC_THREADS=nt)
-        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+        r = subprocess.run([sys.executable, "-c", code, nt], capture_output=True, text=True,
                            timeout=300)
         assert r.returncode == 0, r.stderr
         outs.append(r.stdout.strip())
@@ -320,10 +324,10 @@ def test_parallel_decoder_resynchronises_without_serial_resume(monkeypatch):
     """On valid payloads the speculative segment always meets the true parse (directly or after
     a catch-up when it restarted past the split point): the serial decoder is never resumed, so
     the second thread's work is never thrown away.  s = 2**30 makes restarts happen."""
-    from qprsgd.codecs.qsgd import QSGD
+    from qprsgd.codecs._qsgd_numba import QSGDNumba
 
     resumed, caught = [], []
-    orig_serial, orig_catch = QSGD._nb_decode_serial, nk.qsgd_catchup
+    orig_serial, orig_catch = QSGDNumba.decode_serial, _nb_qsgd.qsgd_catchup
 
     def serial(self, *a, **k):
         resumed.append(a)
@@ -333,8 +337,8 @@ def test_parallel_decoder_resynchronises_without_serial_resume(monkeypatch):
         caught.append(a[1])
         return orig_catch(*a)
 
-    monkeypatch.setattr(QSGD, "_nb_decode_serial", serial)
-    monkeypatch.setattr(nk, "qsgd_catchup", catch)
+    monkeypatch.setattr(QSGDNumba, "decode_serial", serial)
+    monkeypatch.setattr(_nb_qsgd, "qsgd_catchup", catch)
     d = 300_001
     for s in (None, 2**30):
         p = {} if s is None else {"s": s}
@@ -357,7 +361,7 @@ def test_codec_shared_by_threads(backend):
     the per-thread scratch keeps every payload and decoded vector equal to a sequential run."""
     from concurrent.futures import ThreadPoolExecutor
 
-    if backend == "numba" and not nk.enabled():
+    if backend == "numba" and not numba_importable():
         pytest.skip("numba kernels disabled")
     for name, d, blocks in [("block_sign", 20, (7, 13)), ("block_sign", 200_003, (100_000, 100_003)),
                             ("qsgd", 21, None), ("qsgd", 300_001, None)]:

@@ -415,36 +415,29 @@ class DistEFSGDM(DistEFBlockSGDM):
 # majority vote
 # ----------------------------------------------------------------------------------------------
 def pack_signs(v: np.ndarray) -> np.ndarray:
-    """1 bit per element, MSB-first, zero-padded to a byte: bit 1 ⇔ v_j ≥ 0 (sign(0) = +1)."""
-    return np.packbits(v >= 0)
+    """1 bit per element, the sign codec's packing (qprsgd/codecs/sign.py): MSB-first, zero-padded
+    to a byte, bit 1 ⇔ v_j < 0 (sign(0) = +1)."""
+    from ..codecs import sign as _sign_codec
+
+    return _sign_codec.pack_signs(v)
 
 
 def unpack_signs(data, d: int) -> np.ndarray:
     """The ±1 float32 vector of a :func:`pack_signs` payload of d elements."""
-    data = np.asarray(data)
-    if data.dtype != np.uint8 or data.ndim != 1 or data.size != (d + 7) // 8:
-        raise ValueError(f"sign payload must be {(d + 7) // 8} bytes for d={d}, got shape "
-                         f"{getattr(data, 'shape', None)} dtype {getattr(data, 'dtype', None)}")
-    bits = np.unpackbits(data, count=d)
-    return bits.astype(np.float32) * np.float32(2.0) - np.float32(1.0)
+    from ..codecs import sign as _sign_codec
+
+    return _sign_codec.unpack_signs(data, d)
 
 
 def majority_vote(payloads, d: int) -> np.ndarray:
     """Bits of sign(Σ_i s_i) for M packed sign vectors s_i ∈ {−1, +1}^d, with sign(0) = +1.
 
-    Σ_i s_i = 2·(number of +1) − M; with M odd it is odd, hence never 0; with M even a tie
+    Σ_i s_i = M − 2·(number of −1); with M odd it is odd, hence never 0; with M even a tie
     (as many +1 as −1) votes +1.  Returns the packed majority (1 bit per element).
     """
-    M = len(payloads)
-    if M < 1:
-        raise ValueError("majority_vote needs at least one payload")
-    ones = np.zeros(d, dtype=np.int64)
-    for data in payloads:
-        data = np.asarray(data)
-        if data.dtype != np.uint8 or data.ndim != 1 or data.size != (d + 7) // 8:
-            raise ValueError(f"sign payload must be {(d + 7) // 8} bytes for d={d}, got {data.size}")
-        ones += np.unpackbits(data, count=d)
-    return np.packbits(2 * ones - M >= 0)
+    from ..codecs import sign as _sign_codec
+
+    return _sign_codec.majority_signs(payloads, d)
 
 
 class _MajorityVote(_ServerAlgorithm):

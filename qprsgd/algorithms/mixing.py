@@ -23,17 +23,19 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from ..codecs.identity import from_raw as _identity_from_raw
+from ..codecs.identity import raw_bytes as _identity_raw
+
 
 def raw_bytes(v: np.ndarray) -> np.ndarray:
-    """Uncompressed float32 payload (32·d bits; what D-PSGD sends)."""
-    return np.ascontiguousarray(v, dtype=np.float32).view(np.uint8)
+    """Uncompressed float32 payload (32·d bits; what D-PSGD sends): the identity codec's wire."""
+    return _identity_raw(v)
 
 
 def from_raw(buf: np.ndarray, d: int) -> np.ndarray:
-    """The float32 vector of an uncompressed payload; a payload of another length is refused."""
-    if buf.nbytes != 4 * d:
-        raise ValueError(f"received an uncompressed model of {buf.nbytes} bytes, expected 4*d = {4 * d}")
-    return np.ascontiguousarray(buf).view(np.float32)
+    """The float32 vector of an identity payload of d elements (a payload of another length is a
+    CodecError, a ValueError)."""
+    return _identity_from_raw(buf, d)
 
 
 def combine(terms: Sequence[tuple[int, float]], values: Mapping[int, np.ndarray], d: int,

@@ -28,6 +28,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from . import backends
+
 
 class CodecError(ValueError):
     """A payload that cannot be decoded, or an input that cannot be encoded (NaN/Inf)."""
@@ -57,7 +59,12 @@ class Codec:
     unbiased: bool = True
     deterministic: bool = False
 
-    def __init__(self, d: int, blocks: Optional[Sequence[int]] = None, xp: Any = np):
+    #: backend name -> backend class of this codec family (see :mod:`.backends`); a codec whose
+    #: family has a single vectorized implementation leaves this empty and runs it inline.
+    IMPLS: dict = {}
+
+    def __init__(self, d: int, blocks: Optional[Sequence[int]] = None, xp: Any = np, *,
+                 backend: str = "auto", threads: int = 1):
         if int(d) < 1:
             raise ValueError(f"d must be >= 1, got {d!r}")
         self.d = int(d)
@@ -65,7 +72,20 @@ class Codec:
         if sum(self.blocks) != self.d or any(b < 1 for b in self.blocks):
             raise ValueError(f"blocks must be positive sizes summing to d={self.d}")
         self.xp = xp
+        self.threads = backends.check_threads(threads)
+        impls = self.IMPLS or {"numpy": None}
+        self._backend, self._impl_cls = backends.pick(self.name, impls, backend, xp)
+        self.impl = None  # built by the subclass (``_make_impl``) once its parameters are set
         self._tls = threading.local()
+
+    @property
+    def backend(self) -> str:
+        """The backend the codec's kernels run on (fixed at construction)."""
+        return self._backend
+
+    def _make_impl(self):
+        if self._impl_cls is not None:
+            self.impl = self._impl_cls(self)
 
     def _thread_scratch(self) -> dict:
         """Reusable scratch arrays owned by the codec, one set per calling thread: a codec may be

@@ -6,11 +6,11 @@
   decoded: float32(m + zeta_i * ((M - m) / (2^b - 1)))   (float64 arithmetic); M == m: zeta = 0
 Wire: m, M as little-endian float32, then d b-bit fields MSB-first, zero-padded.  nbits = 64 + b d.
 
-Backends (attribute ``backend``, chosen at construction as for qsgd): ``"numba"`` -- one-thread
-compiled kernels in ``_numba_kernels`` (``sbits_*``) with the uniforms drawn inline from the
-PCG64 state (the generator's state is written back) and decoding through a 2^b-entry table of
-the decoded values built with the numpy path's arithmetic -- or ``"numpy"`` (QPRSGD_NO_NUMBA=1,
-cupy, non-float32 input).  Both give byte-identical payloads, identical decoded vectors, the
+Backends (``backend=`` at construction, see qprsgd/codecs/backends.py): ``numba`` -- one-thread
+compiled kernels in ``_nb_sbits`` with the uniforms drawn inline from the PCG64 state (the
+generator's state is written back) and decoding through a 2^b-entry table of the decoded values
+built with the numpy path's arithmetic -- or ``numpy`` (the vectorized reference, any array
+module).  Both give byte-identical payloads, identical decoded vectors, the
 same generator state after encode and the same CodecErrors
 (tests/test_codecs_stochastic_numba.py).
 """
@@ -23,9 +23,100 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..registry import CODECS
 from . import _bitstream as bs
-from . import _numba_kernels as _nk
+from . import _pcg64
 from .base import Codec, CodecError, Payload
 from .qsgd import draw_uniform32
+
+
+class _SbitsNumpy:
+    """The vectorized backend (any array module)."""
+
+    def __init__(self, c):
+        self.c = c
+
+    def encode(self, x, rng, u):
+        c = self.c
+        if u is None:
+            x = c._check_input(x)
+            u = draw_uniform32(c.xp, rng, c.d)
+        return c._np_encode(x, u)
+
+    def decode(self, data, out=None):
+        c = self.c
+        xp = c.xp
+        m, M, zeta = c.decode_levels(data)
+        out = c._out(out)
+        step = (np.float64(M) - np.float64(m)) / c.levels
+        v = zeta.astype(xp.float64)
+        v *= step
+        v += np.float64(m)
+        out[:] = v  # float64 -> float32, rounded as astype
+        return out
+
+
+class _SbitsNumba:
+    """One-thread compiled kernels (``_nb_sbits``)."""
+
+    def __init__(self, c):
+        from . import _nb_sbits
+
+        self.c, self.k = c, _nb_sbits
+
+    def encode(self, x, rng, u):
+        """The numpy path's payload with the compiled kernel: shape and NaN/Inf checks before
+        any draw, then the d draws (inline PCG64 for a PCG64 Generator, else drawn into an
+        array), quantization and packing in one pass."""
+        c, K = self.c, self.k
+        if x.ndim != 1 or x.shape[0] != c.d:
+            raise CodecError(f"{c.name}: expected a vector of length d={c.d}, "
+                             f"got shape {tuple(x.shape)}")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        m, M = np.float32(x.min()), np.float32(x.max())  # NaN propagates: both finite iff x is
+        if not (math.isfinite(float(m)) and math.isfinite(float(M))):
+            raise CodecError(f"{c.name}: cannot encode a vector holding NaN or Inf")
+        if u is not None:
+            state, bg = None, None
+            u = np.ascontiguousarray(u, dtype=np.float32)
+            if u.shape != (c.d,):
+                raise CodecError(f"{c.name}: expected {c.d} uniforms, got shape {u.shape}")
+        else:
+            state, bg = _pcg64.state_of(rng)
+            if state is None:
+                u = np.ascontiguousarray(draw_uniform32(np, rng, c.d), dtype=np.float32)
+        if state is None:
+            state = np.zeros(6, dtype=np.uint64)
+        else:
+            u = np.zeros(0, dtype=np.float32)
+        scale = c.levels / (np.float64(M) - np.float64(m)) if M > m else np.float64(0.0)
+        data = np.empty(c.nbytes, dtype=np.uint8)
+        data[:8] = np.array([m, M], dtype="<f4").view(np.uint8)
+        K.sbits_encode(x, u, state, bg is not None, c.b, np.float64(m), np.float64(scale), data)
+        if bg is not None:
+            _pcg64.store(bg, state)
+        return Payload(data, c.nbits)
+
+    def decode(self, data, out=None):
+        """Checks as the numpy path, then out[i] = tab[zeta_i] with the 2^b decoded values
+        tab[z] = float32(m + z * step) computed in numpy exactly as the numpy path does."""
+        c, K = self.c, self.k
+        data, m, M = c._check_payload(data)
+        data = np.ascontiguousarray(data)
+        if M == m and bool(data[8:].any()):  # padding is zero: a non-zero byte is a level
+            raise CodecError(f"{c.name}: non-zero level with min == max")
+        step = (np.float64(M) - np.float64(m)) / c.levels
+        tab = np.arange(c.levels + 1, dtype=np.float64)
+        tab *= step
+        tab += np.float64(m)
+        tab = tab.astype(np.float32)
+        out = c._out(out)
+        K.sbits_decode(data, c.b, tab, out)
+        return out
+
+
+def _cuda_sbits(c):
+    from ._cuda_backends import SbitsCuda
+
+    return SbitsCuda(c)
 
 
 class StochasticBitsParams(BaseModel):
@@ -40,16 +131,17 @@ class StochasticBits(Codec):
     name = "stochastic_bits"
     unbiased = True
     deterministic = False
+    IMPLS = {"numpy": _SbitsNumpy, "numba": _SbitsNumba, "cuda": _cuda_sbits}
 
-    def __init__(self, d, blocks=None, xp=np, b: int = 8):
-        super().__init__(d, blocks, xp)
+    def __init__(self, d, blocks=None, xp=np, b: int = 8, **kw):
+        super().__init__(d, blocks, xp, **kw)
         if not 1 <= int(b) <= 16:
-            raise ValueError("stochastic_bits: b must be in 1..16")
+            raise ValueError(f"stochastic_bits: b must be in 1..16, got {b!r}")
         self.b = int(b)
         self.levels = (1 << self.b) - 1
         self.nbits = 64 + self.b * self.d
         self.nbytes = (self.nbits + 7) // 8
-        self.backend = "numba" if (_nk.enabled() and xp is np) else "numpy"
+        self._make_impl()
 
     def __repr__(self):
         return f"{type(self).__name__}(d={self.d}, b={self.b})"
@@ -63,56 +155,14 @@ class StochasticBits(Codec):
         return math.sqrt(d / 2.0) / ((1 << int(b)) - 1)
 
     def encode(self, x, rng=None) -> Payload:
-        xp = self.xp
-        if self._use_nb(x):
-            return self._nb_encode(x, rng, None)
-        x = self._check_input(x)
-        u = draw_uniform32(xp, rng, self.d)
-        return self._np_encode(x, u)
+        return self.impl.encode(x, rng, None)
 
     def encode_with(self, x, u) -> Payload:
         """Encode with given uniforms ``u`` (d float32 values)."""
-        if self._use_nb(x):
-            return self._nb_encode(x, None, u)
-        return self._np_encode(x, u)
+        return self.impl.encode(x, None, u)
 
-    # numba path ----------------------------------------------------------------------------
-    def _use_nb(self, x):
-        return (self.backend == "numba" and isinstance(x, np.ndarray)
-                and x.dtype == np.float32)
-
-    def _nb_encode(self, x, rng, u):
-        """The numpy path's payload with the compiled kernel: shape and NaN/Inf checks before
-        any draw, then the d draws (inline PCG64 for a PCG64 Generator, else drawn into an
-        array), quantization and packing in one pass."""
-        if x.ndim != 1 or x.shape[0] != self.d:
-            raise CodecError(f"{self.name}: expected a vector of length d={self.d}, "
-                             f"got shape {tuple(x.shape)}")
-        x = np.ascontiguousarray(x)
-        m, M = np.float32(x.min()), np.float32(x.max())  # NaN propagates: both finite iff x is
-        if not (math.isfinite(float(m)) and math.isfinite(float(M))):
-            raise CodecError(f"{self.name}: cannot encode a vector holding NaN or Inf")
-        if u is not None:
-            state, bg = None, None
-            u = np.ascontiguousarray(u, dtype=np.float32)
-            if u.shape != (self.d,):
-                raise CodecError(f"{self.name}: expected {self.d} uniforms, got shape {u.shape}")
-        else:
-            state, bg = _nk.pcg64_state(rng)
-            if state is None:
-                u = np.ascontiguousarray(draw_uniform32(np, rng, self.d), dtype=np.float32)
-        if state is None:
-            state = np.zeros(6, dtype=np.uint64)
-        else:
-            u = np.zeros(0, dtype=np.float32)
-        scale = self.levels / (np.float64(M) - np.float64(m)) if M > m else np.float64(0.0)
-        data = np.empty(self.nbytes, dtype=np.uint8)
-        data[:8] = np.array([m, M], dtype="<f4").view(np.uint8)
-        _nk.sbits_encode(x, u, state, bg is not None, self.b, np.float64(m),
-                         np.float64(scale), data)
-        if bg is not None:
-            _nk.pcg64_store(bg, state)
-        return Payload(data, self.nbits)
+    def decode(self, data, out=None):
+        return self.impl.decode(data, out)
 
     def _np_encode(self, x, u) -> Payload:
         xp = self.xp
@@ -172,32 +222,3 @@ class StochasticBits(Codec):
         if M == m and bool(zeta.any()):
             raise CodecError(f"{self.name}: non-zero level with min == max")
         return m, M, zeta
-
-    def decode(self, data, out=None):
-        if self.backend == "numba":
-            return self._nb_decode(data, out)
-        xp = self.xp
-        m, M, zeta = self.decode_levels(data)
-        out = self._out(out)
-        step = (np.float64(M) - np.float64(m)) / self.levels
-        v = zeta.astype(xp.float64)
-        v *= step
-        v += np.float64(m)
-        out[:] = v  # float64 -> float32, rounded as astype
-        return out
-
-    def _nb_decode(self, data, out=None):
-        """Checks as the numpy path, then out[i] = tab[zeta_i] with the 2^b decoded values
-        tab[z] = float32(m + z * step) computed in numpy exactly as the numpy path does."""
-        data, m, M = self._check_payload(data)
-        data = np.ascontiguousarray(data)
-        if M == m and bool(data[8:].any()):  # padding is zero: a non-zero byte is a level
-            raise CodecError(f"{self.name}: non-zero level with min == max")
-        step = (np.float64(M) - np.float64(m)) / self.levels
-        tab = np.arange(self.levels + 1, dtype=np.float64)
-        tab *= step
-        tab += np.float64(m)
-        tab = tab.astype(np.float32)
-        out = self._out(out)
-        _nk.sbits_decode(data, self.b, tab, out)
-        return out
