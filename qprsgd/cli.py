@@ -172,8 +172,10 @@ def cmd_run_inprocess(args, M: int) -> int:
     return 0
 
 
-def _run(cfg, comm, out: str, resume: bool, data=None, topology=None, backend: str = "mpi") -> int:
-    """Train on this worker; ``comm`` is its world transport (MPI or in-process)."""
+def _run(cfg, comm, out: str, resume: bool, data=None, topology=None, backend: str = "mpi",
+         stop_after=None) -> int:
+    """Train on this worker; ``comm`` is its world transport (MPI or in-process).  ``stop_after``
+    (tests only) stops after that many steps like a killed run: no final parameters, not completed."""
     from . import checkpoint as ckpt
     from .experiment import build, run_attrs
     from .logger import Logger
@@ -202,7 +204,9 @@ def _run(cfg, comm, out: str, resume: bool, data=None, topology=None, backend: s
     loop = Loop(exp, logger)
     if info is not None:
         loop.load_checkpoint(info)
-    loop.run()
+    loop.run(stop_after=stop_after)
+    if loop.t < exp.total_steps:
+        return 0   # stopped early (tests): what a killed run leaves behind
     params = loop.final_params()
     if rank == 0:
         logger.write_array("final/params", params)

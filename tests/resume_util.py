@@ -78,3 +78,34 @@ def check_kill_resume(n: int, cfg: dict, tmp_path: Path, name: str, reference_h5
     for k in ("step", "test_loss", "test_accuracy", "bits_sent"):
         np.testing.assert_array_equal(got["eval"][k], ref["eval"][k], err_msg=k)
     return step
+
+
+def check_stop_resume(n: int, cfg: dict, tmp_path: Path, name: str, reference_h5: Path, min_step: int):
+    """In-process exact-resume check (no interpreter start-up): run n in-process workers and stop
+    them after ``min_step + 1`` steps (past a checkpoint at >= min_step; nothing after it is
+    finalised, as in a killed run), then ``qprsgd run --resume --workers n`` must end bit-identical
+    to the uninterrupted reference.  The SIGKILL versions are check_kill_resume (a real kill of a
+    real process: tests/test_resume.py in the default run, every algorithm under ``make test-all``)."""
+    from conftest import inprocess
+    from qprsgd import config as C
+    from qprsgd.cli import _run
+    from qprsgd.experiment import load_data
+    from qprsgd.inprocess import run_workers
+    cfg_path = write_config(tmp_path / f"{name}-stopped.yaml", cfg)
+    out_dir = tmp_path / f"{name}-stopped"
+    c = C.load(str(cfg_path), [])
+    data = load_data(c)
+    run_workers(n, lambda t: _run(c, t, str(out_dir), False, data=data, backend="inprocess",
+                                  stop_after=min_step + 1), timeout=300)
+    latest = json.loads((out_dir / "checkpoint" / "latest.json").read_text())
+    assert latest["step"] >= min_step
+    partial = read(str(out_dir / "run.h5"))
+    assert "final" not in partial
+    inprocess(n, ["run", cfg_path, "--out", out_dir, "--resume"])
+    got, ref = read(str(out_dir / "run.h5")), read(str(reference_h5))
+    np.testing.assert_array_equal(got["final"]["params"], ref["final"]["params"])
+    for k in ("step", "bits_sent", "bits_up", "bits_down", "messages", "rounds", "train_loss"):
+        np.testing.assert_array_equal(got["metrics"][k], ref["metrics"][k], err_msg=k)
+    for k in ("step", "test_loss", "test_accuracy", "bits_sent"):
+        np.testing.assert_array_equal(got["eval"][k], ref["eval"][k], err_msg=k)
+    return latest["step"]

@@ -316,10 +316,13 @@ RESUME = {
 }
 
 
+@pytest.mark.parametrize("how", ["stop", pytest.param("kill", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", list(RESUME))
-def test_sigkill_resume_bit_identical(name, tmp_path):
-    from resume_util import check_kill_resume
+def test_sigkill_resume_bit_identical(name, how, tmp_path):
+    """Exact resume: stopped in-process (default run) or SIGKILLed (make test-all)."""
+    from resume_util import check_kill_resume, check_stop_resume
     n, raw = RESUME[name]
     ref = run_many(n, {name: raw}, tmp_path)[name]
-    step = check_kill_resume(n, raw, tmp_path, name, ref, min_step=20)
+    check = check_stop_resume if how == "stop" else check_kill_resume
+    step = check(n, raw, tmp_path, name, ref, min_step=20)
     assert step >= 20

@@ -589,14 +589,16 @@ RESUME = {
 }
 
 
-@pytest.mark.mpi
+@pytest.mark.parametrize("how", ["stop", pytest.param("kill", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", sorted(RESUME))
-def test_sigkill_resume_bit_identical(name, tmp_path):
-    from resume_util import check_kill_resume
+def test_sigkill_resume_bit_identical(name, how, tmp_path):
+    """Exact resume: stopped in-process (default run) or SIGKILLed (make test-all)."""
+    from resume_util import check_kill_resume, check_stop_resume
     _skip_missing_codecs()
     n, cfg = RESUME[name]
     ref = run_many(n, {name: cfg}, tmp_path)[name]
-    step = check_kill_resume(n, cfg, tmp_path, name, ref, min_step=100)
+    check = check_stop_resume if how == "stop" else check_kill_resume
+    step = check(n, cfg, tmp_path, name, ref, min_step=100)
     assert step >= 100
     if name.startswith("dist_ef"):
         assert read(str(ref))["metrics"]["bits_up"][-1] > 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import run_many
-from resume_util import check_kill_resume
+from resume_util import check_kill_resume, check_stop_resume
 
 pytestmark = pytest.mark.mpi
 
@@ -34,9 +34,12 @@ ALGS = {
     "dqpr_sgd": cfg({"name": "dqpr_sgd", "K": 3}, SB8),
 }
 # every gossip algorithm, in the default run (issue 5: bit-exact resume for every algorithm)
+@pytest.mark.parametrize("how", ["stop", pytest.param("kill", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", sorted(ALGS))
-def test_gossip_sigkill_resume_bit_identical(name, tmp_path):
+def test_gossip_sigkill_resume_bit_identical(name, how, tmp_path):
+    """Exact resume: stopped in-process (default run) or SIGKILLed (make test-all)."""
     (tmp_path / "ref").mkdir()
     ref = run_many(N, {name: ALGS[name]}, tmp_path / "ref", timeout=300)[name]
-    step = check_kill_resume(N, ALGS[name], tmp_path, name, ref, min_step=40)
+    check = check_stop_resume if how == "stop" else check_kill_resume
+    step = check(N, ALGS[name], tmp_path, name, ref, min_step=40)
     assert step >= 40

@@ -197,14 +197,16 @@ def test_worker_raising_mid_exchange_ends_run_without_hang():
 
 def test_cli_worker_raising_exits_1_with_message(tmp_path, monkeypatch):
     from qprsgd.algorithms import dcd_ecd
-    orig = dcd_ecd.DCDPSGD.step
+    orig = dcd_ecd.GossipAlgorithm._exchange
+    calls = {}
 
-    def step(self, t, lr, grad):
-        if self.i == 1 and t == 2:
-            self._exchange(np.zeros(4, np.uint8))     # posted, then the worker dies
+    def exchange(self, data):
+        req = orig(self, data)                        # the real payload is posted to the neighbours
+        calls[self.i] = calls.get(self.i, 0) + 1
+        if self.i == 1 and calls[1] == 3:             # ... and then worker 1 dies before receiving
             raise FloatingPointError("worker 1 exploded at step 2")
-        return orig(self, t, lr, grad)
-    monkeypatch.setattr(dcd_ecd.DCDPSGD, "step", step)
+        return req
+    monkeypatch.setattr(dcd_ecd.GossipAlgorithm, "_exchange", exchange)
     rc, out, err, h5 = run_qprsgd(4, alg_configs(4)["dcd_psgd"], tmp_path, check=False)
     assert rc == 1
     assert "worker 1 failed: FloatingPointError: worker 1 exploded at step 2" in err

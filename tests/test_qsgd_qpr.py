@@ -20,7 +20,7 @@ from qprsgd import config
 from qprsgd.logger import CHANNELS, read
 from qprsgd.registry import CODECS
 from reference import Oracles, rel_err
-from resume_util import check_kill_resume
+from resume_util import check_kill_resume, check_stop_resume
 
 pytestmark = pytest.mark.mpi
 
@@ -213,11 +213,14 @@ def test_qpr_identity_equals_pr_sgd(runs):
     np.testing.assert_array_equal(ma["bits_sent"], mb["bits_sent"])  # 4d bytes per rank and round either way
 
 
+@pytest.mark.parametrize("how", ["stop", pytest.param("kill", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", sorted(RESUME))
-def test_sigkill_resume_bit_identical(name, tmp_path, tmp_path_factory):
+def test_sigkill_resume_bit_identical(name, how, tmp_path, tmp_path_factory):
+    """Exact resume: stopped in-process (default run) or SIGKILLed (make test-all)."""
     n = 2
     ref = _get_runs(n, tmp_path_factory)[2][name]
-    step = check_kill_resume(n, RESUME[name], tmp_path, name, ref, min_step=10)
+    check = check_stop_resume if how == "stop" else check_kill_resume
+    step = check(n, RESUME[name], tmp_path, name, ref, min_step=10)
     assert step >= 10
 
 
