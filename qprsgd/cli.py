@@ -42,6 +42,7 @@ _EXTRA: dict[str, str] = {
     "netem": "netem",
     "sweep": "sweep",
     "report": "report",
+    "export": "results",
 }
 
 

@@ -157,8 +157,35 @@ class Logger:
             return {g: int(f[g]["step"].shape[0]) for g in ("metrics", "eval")}
 
 
+class Columns(dict):
+    """One HDF5 group read back: ``{column: numpy array}``, and the datasets' HDF5 attributes in
+    ``.attrs`` (``{column: {attr: value}}``).
+
+    Only datasets are keys, so a group of 1-D columns goes straight into
+    ``pandas.DataFrame(log["eval"])`` (2-D columns such as ``metrics/channel_bytes`` need
+    ``qprsgd.results``, which splits them into one column each).  For code written before this
+    class, ``group["_attrs"]`` and ``group.get("_attrs")`` still return ``.attrs``; ``"_attrs"``
+    is not a key, so iteration and ``len`` see columns only.
+    """
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.attrs: dict = {}
+
+    def __missing__(self, key):
+        if key == "_attrs":
+            return self.attrs
+        raise KeyError(key)
+
+    def get(self, key, default=None):
+        if key == "_attrs":
+            return self.attrs
+        return super().get(key, default)
+
+
 def read(path: str) -> dict:
-    """Read a run log into plain numpy arrays: {'attrs': {...}, 'metrics': {...}, 'eval': {...}, ...}."""
+    """Read a run log into plain numpy arrays: ``{'attrs': {...}, 'metrics': Columns, 'eval':
+    Columns, ...}`` (one :class:`Columns` per group; datasets at the file's root under 'root')."""
     out: dict = {}
     with h5py.File(path, "r") as f:
         out["attrs"] = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
@@ -166,9 +193,10 @@ def read(path: str) -> dict:
         def visit(name, obj):
             if isinstance(obj, h5py.Dataset):
                 grp, _, leaf = name.rpartition("/")
-                out.setdefault(grp or "root", {})[leaf] = obj[()]
-                for k, v in obj.attrs.items():
-                    out.setdefault(grp or "root", {}).setdefault("_attrs", {}).setdefault(leaf, {})[k] = v
+                g = out.setdefault(grp or "root", Columns())
+                g[leaf] = obj[()]
+                if len(obj.attrs):
+                    g.attrs[leaf] = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in obj.attrs.items()}
 
         f.visititems(visit)
     return out
