@@ -17,7 +17,11 @@ EXIT_CONFIG = 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qprsgd", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="qprsgd",
+        description="MPI experiment runner for communication-efficient distributed SGD. "
+                    "Train with 'mpiexec -n N qprsgd run CONFIG'; 'qprsgd COMMAND -h' explains a command.",
+        epilog="Documentation: README.md and docs/ (configs: docs/config.md, sweeps and reports: docs/sweeps.md).")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="train under MPI (launch with mpiexec -n N)")
     r.add_argument("config")
@@ -317,10 +321,16 @@ def main(argv=None) -> int:
         return cmd_topo(args)
     if args.cmd == "list":
         from .registry import ALGORITHMS, CODECS, DATASETS, MODELS, TOPOLOGIES
+        import shutil
+        import textwrap
+        width = max(60, min(120, shutil.get_terminal_size((100, 20)).columns))
         for reg in (ALGORITHMS, CODECS, TOPOLOGIES, MODELS, DATASETS):
             print(f"{reg.plural}:")
             for n in reg.names():
-                print(f"  {n:22s} {reg.get(n).doc}")
+                print(textwrap.fill(reg.get(n).doc, width, initial_indent=f"  {n:22s} ",
+                                    subsequent_indent=" " * 25, break_on_hyphens=False))
+        print("Parameters and papers: docs/algorithms-*.md, docs/codecs.md, docs/topology.md, docs/models.md, "
+              "docs/data.md")
         return 0
     mod = __import__(f"qprsgd.{_EXTRA[args.cmd]}", fromlist=["main"])
     return mod.main(args)
