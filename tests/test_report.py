@@ -211,3 +211,54 @@ def test_axis_scale_and_plain_ticks():
     assert sm[0] == 0 and sm[-1] == 1 and 0 < sm[10] < 1
     with pytest.raises(ValueError, match="--format"):
         report.parse_formats("png,jpg")
+
+
+# -- results as DataFrames ------------------------------------------------------------------------
+@pytest.mark.mpi
+def test_results_dataframes_and_export_round_trip(mixed, tmp_path):
+    import pandas as pd
+    from qprsgd import results
+    from qprsgd.cli import main
+    from qprsgd.logger import read
+    out, runs = mixed
+    res = results.load(out)
+    assert list(res.runs["run"]) == [r.name for r in runs]
+    r0 = res.runs.iloc[0]
+    assert r0["algorithm.name"] == "psgd" and r0["M"] == 2 and r0["train.lr"] == 0.3
+    assert r0["model.hidden"] == "[16]" and bool(r0["completed"])
+    assert pd.isna(r0["algorithm.K"]) and res.runs.iloc[2]["algorithm.K"] == 2
+    for r in runs:                        # long tables: every row of every run, 2-D columns split
+        log = read(os.path.join(r.folder, "run.h5"))
+        ev = res.eval[res.eval["run"] == r.name]
+        assert np.array_equal(ev["test_accuracy"].to_numpy(), log["eval"]["test_accuracy"])
+        met = res.metrics[res.metrics["run"] == r.name]
+        k = list(log["metrics"].attrs["channel_bytes"]["channels"].split(",")).index("allreduce")
+        assert np.array_equal(met["channel_bytes.allreduce"].to_numpy(), log["metrics"]["channel_bytes"][:, k])
+        assert np.array_equal(met["bytes_per_rank.1"].to_numpy(), log["metrics"]["bytes_per_rank"][:, 1])
+        assert res.runs.set_index("run").loc[r.name, "bits_sent"] == log["eval"]["bits_sent"][-1]
+    # logger.read: groups go straight into pandas; old callers' "_attrs" still answers
+    log = read(os.path.join(runs[0].folder, "run.h5"))
+    assert list(pd.DataFrame(log["eval"]).columns) == sorted(log["eval"])
+    assert "_attrs" not in log["metrics"] and log["metrics"]["_attrs"] is log["metrics"].attrs
+    assert log["metrics"].get("_attrs")["channel_bytes"]["channels"].startswith("allreduce")
+    # a run folder and a run.h5: one row each
+    assert len(results.load(runs[1].folder).runs) == 1
+    assert results.load(os.path.join(runs[1].folder, "run.h5")).runs.iloc[0]["run"] == runs[1].name
+    # export -> read back: the same tables
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["export", out, "--csv", "--out", str(tmp_path / "csv")]) == 0
+    back = results.read_export(str(tmp_path / "csv"))
+    pd.testing.assert_frame_equal(back.eval, res.eval, check_dtype=False)
+    pd.testing.assert_frame_equal(back.metrics, res.metrics, check_dtype=False)
+    assert list(back.runs.columns) == list(res.runs.columns)
+    assert list(back.runs["algorithm.name"]) == list(res.runs["algorithm.name"])
+    assert np.allclose(back.runs["final_accuracy"], res.runs["final_accuracy"])
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        rc = main(["export", out, "--parquet", "--out", str(tmp_path / "pq")])
+    if results.parquet_available():
+        assert rc == 0
+        pd.testing.assert_frame_equal(results.read_export(str(tmp_path / "pq"), "parquet").eval, res.eval)
+    else:
+        assert rc == 2 and "--parquet needs pyarrow" in err.getvalue() and not (tmp_path / "pq").exists()

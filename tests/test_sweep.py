@@ -118,6 +118,10 @@ def test_slurm_script_names_every_run_and_parses(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "res" / "index.csv")))
     assert [x["run"] for x in rows] == [x["name"] for x in plan["runs"]]
     assert {x["status"] for x in rows} == {"planned"}
+    # a mapping axis is plain columns, not JSON text
+    assert [(x["algorithm.name"], x["algorithm.K"], x["seed"]) for x in rows] == \
+        [("psgd", "", "0"), ("psgd", "", "1"), ("pr_sgd", "4", "0"), ("pr_sgd", "4", "1")]
+    assert "{" not in (tmp_path / "res" / "index.csv").read_text()
 
 
 def test_job_templates_parse():
