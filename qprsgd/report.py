@@ -589,17 +589,16 @@ class Figures:
 
     def curves(self, ax, x: str, y: str, net=None, legend=True) -> None:
         allx, ally = [], []
+        agg = {lab: _aggregate([_series(r, x, y, net) for r in self._members(lab)]) for lab in self.labels}
+        xlog = x != "epoch" and choose_scale(np.concatenate([a[0] for a in agg.values()]) if agg else []) == "log"
         for lab in self.labels:
-            members = self._members(lab)
-            cs = [_series(r, x, y, net) for r in members]
-            mx, my, lo, hi = _aggregate(cs)
+            mx, my, lo, hi = agg[lab]
             c = self.colors[lab]
-            n = len(members)
+            n = len(self._members(lab))
             name = lab + (f" (mean of {n})" if n > 1 else "")
-            keep = np.ones_like(mx, bool)
-            if x != "epoch" and choose_scale(mx) == "log":
-                keep = mx > 0          # a log axis cannot show x = 0 (the evaluation before step 1)
-            mx, my, lo, hi = mx[keep], my[keep], lo[keep], hi[keep]
+            if xlog:                   # a log axis cannot show x = 0 (the evaluation before step 1)
+                keep = mx > 0
+                mx, my, lo, hi = mx[keep], my[keep], lo[keep], hi[keep]
             if y == "loss":
                 w = max(1, len(my) // 25)
                 ax.plot(mx, my, color=c, lw=0.7, alpha=0.25)
@@ -614,7 +613,10 @@ class Figures:
                     ax.fill_between(mx, lo, hi, color=c, alpha=0.15, lw=0)
                 ally.append(my)
             allx.append(mx)
-        set_axis(ax, "x", np.concatenate(allx) if allx else [])
+        if x == "epoch":
+            set_axis(ax, "x", [1, 2])                              # epochs: always linear
+        else:
+            set_axis(ax, "x", np.concatenate(allx) if allx else [])
         if y == "loss":
             set_axis(ax, "y", np.concatenate(ally) if ally else [])
             ax.set_ylabel("training loss (smoothed; raw faint)")
