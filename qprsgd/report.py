@@ -60,23 +60,29 @@ FORMATS = ("png", "svg", "pdf")
 def load_runs(folder: str) -> list[dict]:
     """``[{name, path, log, terms, cfg, M, label}]`` for each run.h5 under ``folder`` (sweep order).
 
-    ``cfg`` is the run's normalized config flattened to dotted keys, plus ``M``; ``label`` is
-    filled in by :func:`comparable_sets`."""
+    ``cfg`` is the run's normalized config flattened to dotted keys, plus ``M``.  ``label`` is the
+    sweep's label (or algorithm+codec) until :func:`comparable_sets` relabels the runs by what
+    differs (the reproduction scripts call :func:`summarize` on the sweep's labels directly)."""
     try:
         entries = find_runs(folder)
     except ResultsError as e:
         raise ValueError(str(e)) from None
     runs = []
-    for name, _label, h5 in entries:
+    for name, sweep_label, h5 in entries:
         log = read(h5)
         cfg = flatten(config_of(log))
         a = log["attrs"]
         workers = a.get("workers")
         M = int(len(np.atleast_1d(workers))) if workers is not None else int(a.get("world_size", 1))
         cfg["M"] = M
-        runs.append({"name": name, "label": None, "path": h5, "log": log, "terms": nw.row_terms(log),
+        label = sweep_label or (str(a.get("algorithm", name)) + (f"+{a['codec']}" if a.get("codec") else ""))
+        runs.append({"name": name, "label": label, "path": h5, "log": log, "terms": nw.row_terms(log),
                      "cfg": cfg, "M": M})
     return runs
+
+
+def _algorithm(log: dict) -> str:
+    return str(log["attrs"].get("algorithm", ""))
 
 
 # -- grouping -------------------------------------------------------------------------------------
@@ -294,7 +300,11 @@ def _mean(st: Optional[dict]) -> Optional[float]:
 
 def summarize(runs: list[dict], target: float, nets: list[nw.Network], baseline: Optional[str] = None,
               labels: Optional[list] = None) -> dict:
-    """Per label (runs of one comparable set, already labelled): numbers to ``target``."""
+    """Per label (runs of one comparable set, already labelled): numbers to ``target``.
+
+    Each label's ``epoch``, ``rounds``, ``bits``, ``final_accuracy``, ``time[net]`` and
+    ``total_time[net]`` are means over its repeats (None unless every repeat reached the target);
+    ``spread`` holds the same keys as ``{mean, min, max, std, n}``."""
     per_run = [run_numbers(r, target, nets) for r in runs]
     if labels is None:
         labels = list(dict.fromkeys(r["label"] for r in runs))
@@ -313,18 +323,22 @@ def summarize(runs: list[dict], target: float, nets: list[nw.Network], baseline:
         rs = [p for p in per_run if p["label"] == lab]
         row = {"label": lab, "runs": len(rs), "reached": sum(p["reached"] for p in rs),
                "seeds": [p["seed"] for p in rs]}
+        spread = {key: _stats([p[key] for p in rs]) for key in ("epoch", "rounds", "bits", "final_accuracy")}
+        spread["time"] = {k: _stats([p["time"][k] for p in rs]) for k in knames}
+        spread["total_time"] = {k: _stats([p["total_time"][k] for p in rs]) for k in knames}
         for key in ("epoch", "rounds", "bits", "final_accuracy"):
-            row[key] = _stats([p[key] for p in rs])
-        row["time"] = {k: _stats([p["time"][k] for p in rs]) for k in knames}
-        row["total_time"] = {k: _stats([p["total_time"][k] for p in rs]) for k in knames}
+            row[key] = _mean(spread[key])
+        row["time"] = {k: _mean(v) for k, v in spread["time"].items()}
+        row["total_time"] = {k: _mean(v) for k, v in spread["total_time"].items()}
+        row["spread"] = spread
         rows.append(row)
     base = next((r for r in rows if r["label"] == baseline), None)
     for r in rows:
         r["speedup"] = {}
         for k in knames:
-            b, t = _mean(base["time"][k]) if base else None, _mean(r["time"][k])
+            b, t = base["time"][k] if base else None, r["time"][k]
             r["speedup"][k] = (b / t) if (b is not None and t) else None
-        b, t = _mean(base["bits"]) if base else None, _mean(r["bits"])
+        b, t = base["bits"] if base else None, r["bits"]
         r["bits_ratio"] = (t / b) if (b and t is not None) else None
     return {"target_accuracy": target, "baseline": baseline, "baseline_note": note, "networks": knames,
             "labels": rows, "runs": per_run}
@@ -401,10 +415,9 @@ def terminal_table(s: dict) -> str:
     head = ["label", "reached", "rounds", "bits"] + [f"@{h}" for h in _net_header(nets)]
     rows = []
     for r in s["labels"]:
-        cells = [r["label"], f"{r['reached']}/{r['runs']}", _num(_mean(r["rounds"]), "g"),
-                 _num(_mean(r["bits"]), "bits")]
+        cells = [r["label"], f"{r['reached']}/{r['runs']}", _num(r["rounds"], "g"), _num(r["bits"], "bits")]
         for k in nets:
-            t, x = _mean(r["time"][k]), r["speedup"][k]
+            t, x = r["time"][k], r["speedup"][k]
             cells.append(_num(t, "time") + ("" if x is None else f" {_num(x, 'x')}"))
         rows.append(cells)
     w = [max(len(h), *(len(c[i]) for c in rows)) for i, h in enumerate(head)]
@@ -429,9 +442,10 @@ def summary_markdown(s: dict, context: str = "") -> str:
         intro += f" Note: {s['baseline_note']}."
     lines = [intro, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in s["labels"]:
-        cells = ([f"`{r['label']}`", f"{r['reached']}/{r['runs']}", _cell(r["epoch"], "g"), _cell(r["rounds"], "g"),
-                  _cell(r["bits"], "bits"), _cell(r["final_accuracy"], "acc")]
-                 + [_cell(r["time"][n], "time") for n in nets] + [_num(r["speedup"][n], "x") for n in nets])
+        sp = r["spread"]
+        cells = ([f"`{r['label']}`", f"{r['reached']}/{r['runs']}", _cell(sp["epoch"], "g"), _cell(sp["rounds"], "g"),
+                  _cell(sp["bits"], "bits"), _cell(sp["final_accuracy"], "acc")]
+                 + [_cell(sp["time"][n], "time") for n in nets] + [_num(r["speedup"][n], "x") for n in nets])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -452,7 +466,7 @@ def write_csv(s: dict, path: str) -> None:
             row = [s["target_accuracy"], s["baseline"] or "", r["label"], r["runs"], r["reached"],
                    " ".join(str(x) for x in r["seeds"])]
             for k, n in keys:
-                st = r[k][n] if n else r[k]
+                st = r["spread"][k][n] if n else r["spread"][k]
                 row += ["" if st is None else st[x] for x in stats]
             row += ["" if r["speedup"][n] is None else r["speedup"][n] for n in s["networks"]]
             row.append("" if r["bits_ratio"] is None else r["bits_ratio"])
@@ -652,7 +666,7 @@ class Figures:
             r = rows[lab]
             means, err_lo, err_hi = [], [], []
             for n in nets:
-                st = r["time"][n]
+                st = r["spread"]["time"][n]
                 means.append(np.nan if st is None else st["mean"])
                 err_lo.append(0 if st is None else st["mean"] - st["min"])
                 err_hi.append(0 if st is None else st["max"] - st["mean"])
@@ -857,5 +871,5 @@ def main(args) -> int:
         print(s["context"] + (f"; speed-ups vs {s['baseline']}" if s["baseline"] else ""))
         print(s["table"])
         print(f"full table: {os.path.join(s['out'], 'summary.md')} (and summary.csv); "
-              f"{len(s['figures'])} figure files in {s['out']}\n")
+              f"{len(s['figures'])} figure file{'' if len(s['figures']) == 1 else 's'} in {s['out']}\n")
     return 0

@@ -110,17 +110,17 @@ def test_mixed_folder_one_report_per_comparable_set(mixed):
             for bw in (5e6, 10e9):
                 for lat in (0.0, 0.01):
                     times.setdefault((bw, lat), []).append(recompute_time(h5, tgt, bw, lat))
-        assert lab["bits"]["mean"] == pytest.approx(np.mean(bits))
-        assert (lab["bits"]["min"], lab["bits"]["max"]) == (min(bits), max(bits))
+        assert lab["bits"] == pytest.approx(np.mean(bits))
+        assert (lab["spread"]["bits"]["min"], lab["spread"]["bits"]["max"]) == (min(bits), max(bits))
         for (bw, lat), ts in times.items():
             key = f"{'5Mbps' if bw == 5e6 else '10Gbps'}/{'0ms' if lat == 0 else '10ms'}"
-            assert lab["time"][key]["mean"] == pytest.approx(np.mean(ts), rel=1e-9)
-            assert lab["time"][key]["max"] == pytest.approx(max(ts), rel=1e-9)
-            base = next(x for x in summ["labels"] if x["label"] == "psgd")["time"][key]["mean"]
+            assert lab["time"][key] == pytest.approx(np.mean(ts), rel=1e-9)
+            assert lab["spread"]["time"][key]["max"] == pytest.approx(max(ts), rel=1e-9)
+            base = next(x for x in summ["labels"] if x["label"] == "psgd")["time"][key]
             assert lab["speedup"][key] == pytest.approx(base / np.mean(ts), rel=1e-9)
         row = next(line for line in md.splitlines() if line.startswith(f"| `{lab['label']}` |"))
         assert f"| {lab['runs']}/{lab['runs']} |" in row
-        t = lab["time"]["5Mbps/0ms"]
+        t = lab["spread"]["time"]["5Mbps/0ms"]
         assert f"{t['mean']:.3g}" in row
         if lab["runs"] > 1 and t["max"] > t["min"]:       # repeats: the min–max spread is shown
             assert f"({t['min']:.3g}–{t['max']:.3g} s)" in row
@@ -128,7 +128,7 @@ def test_mixed_folder_one_report_per_comparable_set(mixed):
     import pandas as pd
     tab = pd.read_csv(os.path.join(main_set["out"], "summary.csv"))
     assert list(tab["label"]) == ["psgd", "pr_sgd K=2", "pr_sgd K=4"]
-    assert tab.loc[0, "bits_mean"] == pytest.approx(summ["labels"][0]["bits"]["mean"])
+    assert tab.loc[0, "bits_mean"] == pytest.approx(summ["labels"][0]["bits"])
     # the figures asked for, in each set's folder (every figure: test_figure_names)
     want = {"overview.png", "time_to_target.png", "loss_vs_epoch.png", "accuracy_vs_time_5Mbps.png"}
     for s in sets:
