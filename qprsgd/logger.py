@@ -135,9 +135,10 @@ class Logger:
         extra = set(row) - set(cols)
         if missing or extra:
             raise ValueError(f"logger.record({group}): missing {sorted(missing)}, unknown {sorted(extra)}")
-        self._buf[group].append(row)
-        if group == "metrics":
-            self._buf["per_rank"].append(per_rank)
+        with _sigint_deferred():        # a row and its per-rank columns are buffered together
+            self._buf[group].append(row)
+            if group == "metrics":
+                self._buf["per_rank"].append(per_rank)
         if len(self._buf["metrics"]) >= self.flush_rows:
             self.flush()
 
