@@ -289,8 +289,16 @@ def run_workers(size: int, target: Callable[[LocalTransport], object], timeout: 
     threads = [threading.Thread(target=body, args=(r,), name=f"{name}-{r}", daemon=True) for r in range(size)]
     for th in threads:
         th.start()
-    for th in threads:
-        th.join()
+    try:
+        for th in threads:
+            th.join()
+    except KeyboardInterrupt:
+        # Ctrl-C reaches the main thread: stop every worker at its next wait, give them a moment
+        # to unwind (worker 0 flushes its log), then let the caller report it
+        cluster.fail(-1, KeyboardInterrupt("interrupted (Ctrl-C)"))
+        for th in threads:
+            th.join(10)
+        raise
     if cluster.failed is not None:
         r, _ = cluster.failed
         e, tb = errors[r]

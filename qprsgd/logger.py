@@ -12,7 +12,10 @@ log again, identically) are not duplicated.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from typing import Optional
 
 import h5py
@@ -57,6 +60,20 @@ CHANNELS = ("allreduce", "allgather", "peer", "up", "down", "other")
 """Columns of ``metrics/channel_bytes`` and ``metrics/channel_messages`` (see qprsgd/comm.py)."""
 
 
+@contextmanager
+def _sigint_deferred():
+    """Hold back Ctrl-C (SIGINT) while a write is half done: the signal stays pending and Python
+    raises KeyboardInterrupt right after the block, so the file always holds whole rows."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 class Logger:
     def __init__(self, path: str, *, attrs: Optional[dict] = None, world_size: int = 1,
                  resume_rows: Optional[dict] = None, flush_rows: int = 100):
@@ -89,7 +106,7 @@ class Logger:
                         ds.attrs["channels"] = ",".join(CHANNELS)
             os.replace(tmp, path)
         else:
-            with h5py.File(path, "a") as f:
+            with _sigint_deferred(), h5py.File(path, "a") as f:
                 for group, n in resume_rows.items():
                     for ds in f[group].values():
                         if isinstance(ds, h5py.Dataset) and ds.shape[0] > n:
@@ -99,13 +116,13 @@ class Logger:
 
     # -- writing ---------------------------------------------------------------------------
     def set_attrs(self, **attrs) -> None:
-        with h5py.File(self.path, "a") as f:
+        with _sigint_deferred(), h5py.File(self.path, "a") as f:
             for k, v in attrs.items():
                 f.attrs[k] = v
 
     def write_array(self, name: str, data: np.ndarray, attrs: Optional[dict] = None) -> None:
         """Write (or replace) a whole dataset, e.g. ``topology/W`` or ``final/params``."""
-        with h5py.File(self.path, "a") as f:
+        with _sigint_deferred(), h5py.File(self.path, "a") as f:
             if name in f:
                 del f[name]
             ds = f.create_dataset(name, data=data)
@@ -118,16 +135,17 @@ class Logger:
         extra = set(row) - set(cols)
         if missing or extra:
             raise ValueError(f"logger.record({group}): missing {sorted(missing)}, unknown {sorted(extra)}")
-        self._buf[group].append(row)
-        if group == "metrics":
-            self._buf["per_rank"].append(per_rank)
+        with _sigint_deferred():        # a row and its per-rank columns are buffered together
+            self._buf[group].append(row)
+            if group == "metrics":
+                self._buf["per_rank"].append(per_rank)
         if len(self._buf["metrics"]) >= self.flush_rows:
             self.flush()
 
     def flush(self) -> None:
         if not any(self._buf.values()):
             return
-        with h5py.File(self.path, "a") as f:
+        with _sigint_deferred(), h5py.File(self.path, "a") as f:
             for group, cols in (("metrics", METRIC_COLUMNS), ("eval", EVAL_COLUMNS)):
                 rows = self._buf[group]
                 if not rows:
@@ -148,7 +166,8 @@ class Logger:
                     ds.resize(n + len(pr), axis=0)
                     ds[n:] = np.array([p[i] for p in pr], dtype="i8")
             f.flush()
-        self._buf = {"metrics": [], "eval": [], "per_rank": []}
+            # cleared inside the block: a Ctrl-C held back until its end must not see these rows again
+            self._buf = {"metrics": [], "eval": [], "per_rank": []}
 
     def rows(self) -> dict:
         """Rows already in the file (after a flush): what a checkpoint records."""
@@ -157,8 +176,41 @@ class Logger:
             return {g: int(f[g]["step"].shape[0]) for g in ("metrics", "eval")}
 
 
+class Columns(dict):
+    """One HDF5 group read back: ``{column: numpy array}``, and the datasets' HDF5 attributes in
+    ``.attrs`` (``{column: {attr: value}}``).
+
+    Only datasets are keys, so a group of 1-D columns goes straight into
+    ``pandas.DataFrame(log["eval"])`` (2-D columns such as ``metrics/channel_bytes`` need
+    ``qprsgd.results``, which splits them into one column each).  For code written before this
+    class, ``group["_attrs"]`` and ``group.get("_attrs")`` still return ``.attrs``; ``"_attrs"``
+    is not a key, so iteration and ``len`` see columns only.
+    """
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.attrs: dict = {}
+
+    def __missing__(self, key):
+        if key == "_attrs":
+            return self.attrs
+        raise KeyError(key)
+
+    def get(self, key, default=None):
+        if key == "_attrs":
+            return self.attrs
+        return super().get(key, default)
+
+
+def read_attrs(path: str) -> dict:
+    """The run's file attributes only (``completed``, ``final_step``, ``config_yaml``, ...)."""
+    with h5py.File(path, "r") as f:
+        return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+
+
 def read(path: str) -> dict:
-    """Read a run log into plain numpy arrays: {'attrs': {...}, 'metrics': {...}, 'eval': {...}, ...}."""
+    """Read a run log into plain numpy arrays: ``{'attrs': {...}, 'metrics': Columns, 'eval':
+    Columns, ...}`` (one :class:`Columns` per group; datasets at the file's root under 'root')."""
     out: dict = {}
     with h5py.File(path, "r") as f:
         out["attrs"] = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
@@ -166,9 +218,10 @@ def read(path: str) -> dict:
         def visit(name, obj):
             if isinstance(obj, h5py.Dataset):
                 grp, _, leaf = name.rpartition("/")
-                out.setdefault(grp or "root", {})[leaf] = obj[()]
-                for k, v in obj.attrs.items():
-                    out.setdefault(grp or "root", {}).setdefault("_attrs", {}).setdefault(leaf, {})[k] = v
+                g = out.setdefault(grp or "root", Columns())
+                g[leaf] = obj[()]
+                if len(obj.attrs):
+                    g.attrs[leaf] = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in obj.attrs.items()}
 
         f.visititems(visit)
     return out

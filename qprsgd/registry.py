@@ -8,8 +8,51 @@ entries (``qprsgd.codecs`` for codecs, ...), so importing the codec layer never 
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
+
+
+_ABBREV = ("al.", "e.g.", "i.e.", "alg.", "fig.", "figs.", "eq.", "eqs.", "cf.", "vs.", "thm.", "sec.", "app.", "resp.", "w.p.")
+
+
+def summary(doc: str) -> str:
+    """The first sentence of a docstring's first paragraph, for ``qprsgd list``: never cut
+    mid-sentence, and without references to the maintainers' ALGORITHMS.md notes (not shipped;
+    the docs/algorithms-*.md pages carry what users need)."""
+    para = []
+    for line in (doc or "").strip().splitlines():
+        if not line.strip():
+            break
+        para.append(line.strip())
+    text = " ".join(para)
+    depth = 0
+    for i, ch in enumerate(text):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth = max(0, depth - 1)
+        elif ch == "." and depth == 0 and (i + 1 == len(text) or text[i + 1] == " "):
+            word = text[:i + 1].rsplit(" ", 1)[-1].lower()
+            if word not in _ABBREV:
+                text = text[:i + 1]
+                break
+    if text.endswith(":"):     # a lead-in to a list: keep what comes before its first clause
+        depth, cut = 0, -1
+        for i, ch in enumerate(text):
+            depth += ch in "([{"
+            depth -= ch in ")]}"
+            if ch == "," and depth == 0:
+                cut = i
+                break
+        text = (text[:cut] if cut > 0 else text[:-1]) + "."
+    text = text.replace("``", "")
+    text = re.sub(r"[;,][^;,()]*ALGORITHMS\.md[^;)]*", "", text)
+    text = re.sub(r"\([^;,()]*ALGORITHMS\.md[^;)]*[;,]?\s*", "(", text)
+    text = re.sub(r"\(\s*[;,]?\s*\)", "", text)
+    text = re.sub(r"\(\s*[;,]\s*", "(", text)
+    text = re.sub(r"\s+([,;])", r"\1", re.sub(r"\s{2,}", " ", text))
+    return re.sub(r"\s+\.(\s|$)", r".\1", text).strip()
 
 
 class UnknownNameError(KeyError):
@@ -41,8 +84,7 @@ class Registry:
         def deco(factory):
             if name in self._entries and self._entries[name].factory is not factory:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
-            doc = (factory.__doc__ or "").strip().splitlines()
-            self._entries[name] = Entry(name, factory, params, doc[0] if doc else "")
+            self._entries[name] = Entry(name, factory, params, summary(factory.__doc__ or ""))
             return factory
 
         return deco

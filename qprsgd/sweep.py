@@ -216,10 +216,26 @@ def summarize_run(h5: str) -> dict:
     return out
 
 
+def _axis_columns(axes: dict) -> dict:
+    """A run's axis values as plain columns: a mapping value (``algorithm: {name: pr_sgd, K: 4}``)
+    becomes one column per key (``algorithm.name``, ``algorithm.K``); a list is JSON text."""
+    out = {}
+    for k, v in axes.items():
+        if isinstance(v, dict):
+            for kk, vv in _axis_columns(v).items():
+                out[f"{k}.{kk}"] = vv
+        elif isinstance(v, (list, tuple)):
+            out[k] = json.dumps(list(v))
+        else:
+            out[k] = v
+    return out
+
+
 def write_index(out: str, runs: list[Run]) -> str:
     keys = []
-    for r in runs:
-        for k in r.axes:
+    cols = [_axis_columns(r.axes) for r in runs]
+    for c in cols:
+        for k in c:
             if k not in keys:
                 keys.append(k)
     path = os.path.join(out, "index.csv")
@@ -227,10 +243,9 @@ def write_index(out: str, runs: list[Run]) -> str:
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(INDEX_FIELDS[:4] + keys + INDEX_FIELDS[4:] + ["error"])
-        for r in runs:
+        for r, c in zip(runs, cols):
             s = r.extra
-            axv = [json.dumps(r.axes[k]) if isinstance(r.axes.get(k), (dict, list)) else r.axes.get(k, "")
-                   for k in keys]
+            axv = ["" if c.get(k) is None else c[k] for k in keys]
             w.writerow([r.name, r.label, r.ranks, r.status] + axv
                        + [s.get(k, "") for k in INDEX_FIELDS[4:11]] + [os.path.relpath(r.folder, out), r.error or ""])
     os.replace(tmp, path)

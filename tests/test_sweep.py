@@ -118,6 +118,10 @@ def test_slurm_script_names_every_run_and_parses(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "res" / "index.csv")))
     assert [x["run"] for x in rows] == [x["name"] for x in plan["runs"]]
     assert {x["status"] for x in rows} == {"planned"}
+    # a mapping axis is plain columns, not JSON text
+    assert [(x["algorithm.name"], x["algorithm.K"], x["seed"]) for x in rows] == \
+        [("psgd", "", "0"), ("psgd", "", "1"), ("pr_sgd", "4", "0"), ("pr_sgd", "4", "1")]
+    assert "{" not in (tmp_path / "res" / "index.csv").read_text()
 
 
 def test_job_templates_parse():
@@ -148,3 +152,18 @@ def test_local_runs_and_indexes(tmp_path):
     # a second --local skips finished runs
     r = cli("sweep", p, "--local", "--out", tmp_path / "res", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.count("done already") == 2
+
+
+def test_shipped_sweeps_validate():
+    import glob
+    import os
+    files = sorted(glob.glob(os.path.join(sw.JOBS_DIR, "..", "configs", "sweeps", "*.yaml")))
+    assert {os.path.basename(f) for f in files} >= {"tiny.yaml", "demo.yaml"}
+    for f in files:
+        runs = sw.expand(sw.load_spec(f))
+        assert runs and all(r.error is None for r in runs), [(r.name, r.error) for r in runs]
+    demo = sw.expand(sw.load_spec(os.path.join(sw.JOBS_DIR, "..", "configs", "sweeps", "demo.yaml")))
+    cfgs = [yaml.safe_load(r.yaml) for r in demo]
+    assert [c["algorithm"]["name"] for c in cfgs] == ["psgd", "pr_sgd", "qpr_sgd", "dcd_psgd"]
+    assert {r.ranks for r in demo} == {4} and {c["train"]["target_accuracy"] for c in cfgs} == {0.9}
+    assert cfgs[3]["topology"]["name"] == "ring"

@@ -71,7 +71,8 @@ def norm_acc(x, use_numba: bool = False, absolute: bool = False) -> float:
 
 def _norm32(x, use_numba: bool = False) -> np.float32:
     """float32(sqrt(sum float64(x_i)^2)) with the sum of :func:`norm_acc`."""
-    return np.float32(math.sqrt(norm_acc(x, use_numba)))
+    with np.errstate(over="ignore"):     # inf on overflow: callers check and raise CodecError
+        return np.float32(math.sqrt(norm_acc(x, use_numba)))
 
 
 def draw_uniform32(xp, rng, n: int):
@@ -174,7 +175,8 @@ class _QSGDBase(Codec):
         if norm == 0:
             return norm, xp.zeros(self.d, dtype=xp.uint64), neg
         r = xp.abs(x)
-        c = np.float32(self.s / float(norm))
+        with np.errstate(over="ignore"):  # a tiny norm overflows s/norm: handled just below
+            c = np.float32(self.s / float(norm))
         if math.isfinite(float(c)):
             r *= c
         else:
