@@ -3,6 +3,11 @@
 ``qprsgd run CONFIG [--out DIR] [--set key.path=value ...] [--resume]`` -- validated on rank 0
 before any rank does work; a bad config prints one message (naming the key, the value and
 what is allowed) and every rank exits with code 2.
+
+Exit codes of ``qprsgd run``: 0 done; 1 a failure (an unexpected error, an unwritable folder, a
+rank that raised during training: the job is aborted); 2 refused before any work (config, data
+files, pre-flight, output folder state, checkpoint); 3 the model diverged (see
+qprsgd/divergence.py).
 """
 from __future__ import annotations
 
@@ -66,9 +71,9 @@ def _find_resume(name: str) -> str:
 def _prepare(args, world_size: int) -> dict:
     """Rank 0: validate everything that can be validated before work starts."""
     from . import config
-    from .experiment import preflight
+    from .preflight import check_run
     cfg = config.load(args.config, args.set)
-    preflight(cfg, world_size)
+    check_run(cfg, world_size)
     if args.resume:
         out = args.out or _find_resume(cfg.run.name)
         saved = os.path.join(out, "config.yaml")
@@ -82,24 +87,50 @@ def _prepare(args, world_size: int) -> dict:
     return {"ok": True, "yaml": cfg.to_yaml(), "out": out}
 
 
+MAX_MESSAGE = 4000
+"""Longest error message printed for a refused run (characters)."""
+
+
+def _bounded(text: str) -> str:
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 40] + f"... [{len(text)} characters in all]"
+
+
+def _verdict(args, world_size: int) -> dict:
+    """Rank 0: ``_prepare`` with every failure turned into a verdict (never a raise), so the
+    other ranks, waiting in the broadcast, always learn the outcome.
+
+    Exit codes: 2 -- bad input refused before any work (config, data files, folder state,
+    checkpoint); 1 -- anything else (an unreadable output folder, an internal error)."""
+    import traceback
+    try:
+        return _prepare(args, world_size)
+    except ValueError as e:  # ConfigError, DatasetError, UnknownNameError, refused folder states
+        return {"ok": False, "code": EXIT_CONFIG, "error": _bounded(str(e))}
+    except RecursionError:
+        return {"ok": False, "code": EXIT_CONFIG, "error": "the configuration is nested too deeply"}
+    except OSError as e:
+        return {"ok": False, "code": 1, "error": _bounded(f"{type(e).__name__}: {e}")}
+    except Exception as e:  # a bug: keep the traceback, printed once
+        tb = traceback.format_exc(limit=-12)
+        return {"ok": False, "code": 1,
+                "error": _bounded(f"internal error before training ({type(e).__name__}: {e})\n{tb}")}
+
+
 def cmd_run(args) -> int:
     import yaml
     from . import config
     from .comm import Comm, install_abort_on_error, world
     w = world()
+    # first: from here on an uncaught raise on any rank aborts the whole job (exit 1) instead of
+    # leaving the other ranks in a collective forever
+    install_abort_on_error(w)
     comm = Comm(w)
-    verdict = None
-    if comm.rank == 0:
-        try:
-            verdict = _prepare(args, comm.size)
-        except (config.ConfigError, ValueError) as e:
-            verdict = {"ok": False, "error": str(e)}
+    verdict = _verdict(args, comm.size) if comm.rank == 0 else None
     verdict = json.loads(comm.bcast_bytes(json.dumps(verdict).encode() if comm.rank == 0 else None))
     if not verdict["ok"]:
         if comm.rank == 0:
             print(f"qprsgd: {verdict['error']}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
-    install_abort_on_error(w)
+        return int(verdict["code"])
     return _run(config.validate(yaml.safe_load(verdict["yaml"])), w, verdict["out"], args.resume)
 
 

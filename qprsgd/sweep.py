@@ -129,11 +129,17 @@ def _axes(spec: dict) -> list[list[dict]]:
 def load_spec(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
-            spec = yaml.safe_load(f)
+            spec = qconfig.yaml_load(f)
     except FileNotFoundError:
         raise SweepError(f"sweep file {path!r} does not exist") from None
+    except OSError as e:
+        raise SweepError(f"sweep file {path!r} cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise SweepError(f"sweep file {path!r} is not UTF-8 text; is it a binary file?") from None
     except yaml.YAMLError as e:
-        raise SweepError(f"sweep file {path!r} is not valid YAML: {e}") from None
+        raise SweepError(f"sweep file {path!r} is not valid YAML: {qconfig.cut(str(e), 600)}") from None
+    except RecursionError:
+        raise SweepError(f"sweep file {path!r} is nested too deeply") from None
     if not isinstance(spec, dict):
         raise SweepError(f"sweep file {path!r}: top level must be a mapping")
     spec = dict(spec)
@@ -183,11 +189,13 @@ def expand(spec: dict, validate: bool = True) -> list[Run]:
         elif validate:
             try:
                 cfg = qconfig.validate(raw)
-                from .experiment import preflight
-                preflight(cfg, ranks)
+                from .preflight import check_run
+                check_run(cfg, ranks)
                 run.yaml = cfg.to_yaml()
-            except (qconfig.ConfigError, ValueError) as e:
+            except ValueError as e:  # ConfigError, DatasetError, UnknownNameError, pre-flight
                 run.error = str(e).replace("\n", " ")
+            except RecursionError:
+                run.error = "the configuration is nested too deeply"
         runs.append(run)
     return runs
 
