@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config value (YAML syntax), repeatable")
     r.add_argument("--resume", action="store_true",
                    help="continue from the run folder's last checkpoint (newest matching folder if no --out)")
+    r.add_argument("--force", action="store_true",
+                   help="start afresh in a folder that holds a previous run: its log and checkpoints are deleted")
     t = sub.add_parser("topo", help="print the mixing matrix's neighbours, rho, mu, zeta and pre-flight checks")
     t.add_argument("config")
     t.add_argument("-n", "--workers", type=int, default=None, help="number of workers M (default: from mpiexec)")
@@ -68,10 +70,19 @@ def _find_resume(name: str) -> str:
     return max(cands, key=os.path.getmtime)
 
 
+_LOCK = None  # rank 0's lock on the output folder (qprsgd.ownership), released when the run ends
+
+
 def _prepare(args, world_size: int) -> dict:
-    """Rank 0: validate everything that can be validated before work starts."""
+    """Rank 0: validate everything that can be validated before work starts, then take the
+    output folder (lock; --force/--resume rules; checkpoint verification)."""
+    global _LOCK
+    from . import checkpoint as ckpt
     from . import config
+    from .ownership import acquire
     from .preflight import check_run
+    if args.resume and getattr(args, "force", False):
+        raise ValueError("--resume and --force contradict each other (continue the run, or replace it)")
     cfg = config.load(args.config, args.set)
     check_run(cfg, world_size)
     if args.resume:
@@ -84,7 +95,30 @@ def _prepare(args, world_size: int) -> dict:
                 raise ValueError(f"--resume: the config differs from the one {out}/config.yaml was run with")
     else:
         out = args.out or _default_out(cfg.run.name)
-    return {"ok": True, "yaml": cfg.to_yaml(), "out": out}
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} exists and is not a folder")
+    lock = acquire(out)
+    try:
+        info = None
+        if args.resume:
+            info = ckpt.verify(out, cfg.to_yaml(), world_size)
+        elif ckpt.holds_run(out):
+            if not getattr(args, "force", False):
+                raise ValueError(f"--out {out} already holds a run (run.h5 or checkpoint/); pass --resume to "
+                                 f"continue it or --force to delete it and start afresh")
+            ckpt.clear(out)
+    except BaseException:
+        lock.release()
+        raise
+    _LOCK = lock
+    return {"ok": True, "yaml": cfg.to_yaml(), "out": out, "info": info, "note": lock.note}
+
+
+def _release_lock() -> None:
+    global _LOCK
+    if _LOCK is not None:
+        _LOCK.release()
+        _LOCK = None
 
 
 MAX_MESSAGE = 4000
@@ -131,53 +165,84 @@ def cmd_run(args) -> int:
         if comm.rank == 0:
             print(f"qprsgd: {verdict['error']}", file=sys.stderr, flush=True)
         return int(verdict["code"])
-    return _run(config.validate(yaml.safe_load(verdict["yaml"])), w, verdict["out"], args.resume)
+    if comm.rank == 0 and verdict.get("note"):
+        print(f"qprsgd: {verdict['out']}: {verdict['note']}", file=sys.stderr, flush=True)
+    try:
+        return _run(config.validate(yaml.safe_load(verdict["yaml"])), w, verdict["out"], verdict["info"])
+    finally:
+        if comm.rank == 0:
+            _release_lock()
 
 
-def _run(cfg, w, out: str, resume: bool) -> int:
+def _run(cfg, w, out: str, info) -> int:
+    """Every rank: build and train.  ``info``: the verified checkpoint to resume from, or None."""
     from . import checkpoint as ckpt
     from .experiment import build, run_attrs
     from .logger import Logger
     from .worker import Loop
     rank = w.Get_rank()
-    if rank == 0:
-        os.makedirs(out, exist_ok=True)
     w.Barrier()
     exp = build(cfg, w, out)
     path = os.path.join(out, "run.h5")
-    info = ckpt.latest(out) if resume else None
-    if info is not None and int(info.get("world_size", -1)) != w.Get_size():
-        raise ValueError(f"--resume: checkpoint was written by {info.get('world_size')} ranks, "
-                         f"this job has {w.Get_size()}")
     logger = None
     if rank == 0:
         if info is None:
             with open(os.path.join(out, "config.yaml"), "w") as f:
                 f.write(cfg.to_yaml())
-            logger = Logger(path, attrs=run_attrs(cfg, exp), world_size=w.Get_size())
-            if exp.topology is not None:
-                _log_topology(logger, exp.topology)
-        else:
-            logger = Logger(path, world_size=w.Get_size(), resume_rows=info["rows"])
+        # a fresh run.h5 in both cases: a resume rebuilds it from the rows saved in the checkpoint
+        restore = None if info is None else ckpt.load_log(out, int(info["step"]))
+        logger = Logger(path, attrs=run_attrs(cfg, exp), world_size=w.Get_size(), restore=restore,
+                        arrays=None if exp.topology is None else _topology_arrays(exp.topology))
+        if info is not None:
             print(f"resuming {out} from step {info['step']}", flush=True)
     loop = Loop(exp, logger)
     if info is not None:
         loop.load_checkpoint(info)
-    loop.run()
+    try:
+        loop.run()
+    except Exception as exc:
+        from .divergence import explain
+        d = explain(exc, exp.mirror.x, loop.t, exp.lr_at(max(loop.t - 1, 0)))
+        if d is None:
+            raise  # a failure: the abort hook ends the job (exit 1)
+        return _diverged(d, exc, w, logger)
     params = loop.final_params()
     if rank == 0:
         logger.write_array("final/params", params)
         logger.set_attrs(completed=True, final_step=loop.t)
+        logger.close()
         print(f"wrote {path}", flush=True)
     return 0
 
 
-def _log_topology(logger, topo) -> None:
+def _diverged(d, exc, w, logger) -> int:
+    """Stop a diverged run: the log keeps its rows and says why, ``completed`` stays false."""
+    from .comm import abort
+    from .divergence import EXIT_DIVERGED, Diverged
+    rank = w.Get_rank()
+    if logger is not None:
+        logger.set_attrs(diverged=True, divergence=str(d))
+        logger.close()
+    if isinstance(exc, Diverged):  # every rank raised it at the same row: a clean, collective stop
+        if rank == 0:
+            print(f"qprsgd: {d}", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
+    # one rank failed on non-finite numbers between rows; the others wait for it: abort the job
+    print(f"qprsgd: rank {rank}: {d}", file=sys.stderr, flush=True)
+    if w.Get_size() > 1:
+        if rank == 0:
+            _release_lock()
+        abort(w, EXIT_DIVERGED)
+    return EXIT_DIVERGED
+
+
+def _topology_arrays(topo) -> dict:
+    """``topology/W`` with its report numbers as attrs, for the Logger to write at creation."""
     from .topology import report
     rep = report(topo)
     attrs = {k: v for k, v in rep.items() if isinstance(v, (int, float))}
     attrs["name"] = topo.name
-    logger.write_array("topology/W", topo.W, attrs=attrs)
+    return {"topology/W": (topo.W, attrs)}
 
 
 def cmd_topo(args) -> int:

@@ -212,7 +212,8 @@ def summarize_run(h5: str) -> dict:
     from .logger import read
     log = read(h5)
     ev = log.get("eval", {})
-    out = {"completed": bool(log["attrs"].get("completed", False))}
+    out = {"completed": bool(log["attrs"].get("completed", False)),
+           "diverged": bool(log["attrs"].get("diverged", False))}
     if len(ev.get("step", [])):
         import numpy as np
         acc = np.asarray(ev["test_accuracy"], float)
@@ -260,7 +261,7 @@ def prepare(spec: dict, runs: list[Run], out: str) -> None:
             s = summarize_run(h5)
             if s:
                 r.extra = s
-                r.status = "done" if s.get("completed") else "incomplete"
+                r.status = "done" if s.get("completed") else "diverged" if s.get("diverged") else "incomplete"
         else:
             r.status = "invalid"
     plan = {"name": spec.get("name"), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -306,15 +307,16 @@ def run_local(runs: list[Run], out: str, timeout: Optional[float] = None, force:
     for r in runs:
         if r.error is not None:
             continue
-        if r.status == "done" and not force:
+        if r.status in ("done", "diverged") and not force:
             print(f"[{r.index + 1}/{len(runs)}] {r.name}: done already (use --force to re-run)", flush=True)
             continue
         h5 = os.path.join(r.folder, "run.h5")
-        if os.path.exists(h5):
-            os.remove(h5)
+        from .checkpoint import holds_run
+        again = holds_run(r.folder)  # a re-run replaces the folder's old run (qprsgd run --force)
+        if again:
             with open(os.path.join(r.folder, "config.yaml"), "w") as f:
                 f.write(r.yaml)
-        cmd = run_command(r, mpiexec)
+        cmd = run_command(r, mpiexec) + (["--force"] if again else [])
         print(f"[{r.index + 1}/{len(runs)}] {r.name}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
         t0 = time.perf_counter()
         with open(os.path.join(r.folder, "stdout.log"), "w") as lo:
@@ -327,8 +329,9 @@ def run_local(runs: list[Run], out: str, timeout: Optional[float] = None, force:
                 p.wait()
                 rc = 124
         r.extra = summarize_run(h5)
-        r.status = "done" if rc == 0 else f"failed(rc={rc})"
-        failed += rc != 0
+        # a diverged run (exit 3) is a result, not a failure: index.csv says "diverged"
+        r.status = "done" if rc == 0 else "diverged" if rc == 3 else f"failed(rc={rc})"
+        failed += rc not in (0, 3)
         print(f"    {r.status} in {time.perf_counter() - t0:.1f}s"
               + (f"; see {os.path.join(r.folder, 'stdout.log')}" if rc else ""), flush=True)
         write_index(out, runs)

@@ -26,9 +26,13 @@ def verdict(tmp_path, text=None, cfg=None, sets=(), world=2, path=None, **kw):
             path.write_bytes(text if isinstance(text, bytes) else text.encode())
         else:
             write_config(path, cfg if cfg is not None else GOOD)
-    args = argparse.Namespace(config=str(path), set=list(sets), out=str(tmp_path / "out"), resume=False,
-                              force=False, **kw)
-    return cli._verdict(args, world)
+    kw = {"resume": False, "force": False, **kw}
+    keep = kw.pop("keep_lock", False)
+    args = argparse.Namespace(config=str(path), set=list(sets), out=str(tmp_path / "out"), **kw)
+    v = cli._verdict(args, world)
+    if not keep:
+        cli._release_lock()  # an accepted verdict holds the folder's lock (the run would release it)
+    return v
 
 
 def with_(over: dict) -> dict:
