@@ -58,11 +58,15 @@ class Detector:
         if math.isfinite(float(loss)):
             self.first = float(loss)
 
-    def verdict(self, step: int, loss: float, lr: float, model_finite: bool) -> Optional[Diverged]:
-        """The verdict for one metrics row from values every rank shares (None: carry on)."""
-        loss = float(loss)
+    def verdict(self, step: int, loss: Optional[float], lr: float, model_finite: bool) -> Optional[Diverged]:
+        """The verdict for one metrics row from values every rank shares (None: carry on).
+        ``loss`` None: no gradient was computed in this row; only the model is checked."""
         if not model_finite:
-            return Diverged(step, loss, lr, "a worker's parameters are no longer finite (NaN or inf)")
+            return Diverged(step, float("nan") if loss is None else loss, lr,
+                            "a worker's parameters are no longer finite (NaN or inf)")
+        if loss is None:
+            return None
+        loss = float(loss)
         if not math.isfinite(loss):
             return Diverged(step, loss, lr, "the training loss is not finite")
         if self.first is None:
@@ -74,7 +78,7 @@ class Detector:
                                             f"starting loss {self.first:.6g}")
         return None
 
-    def check(self, step: int, loss: float, lr: float, x: Optional[np.ndarray], comm) -> None:
+    def check(self, step: int, loss: Optional[float], lr: float, x: Optional[np.ndarray], comm) -> None:
         """Every rank, at a metrics row: agree (one MAX reduction) whether some model is not
         finite, then raise :class:`Diverged` on every rank if the row diverged."""
         bad_here = 0.0 if x is None or bool(np.isfinite(x).all()) else 1.0

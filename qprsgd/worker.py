@@ -229,7 +229,7 @@ class Loop:
                 "t_step": maxes[3],
                 "steps": self.row_steps,
             }, per_rank=(per_rank[:, 0].astype(np.int64), per_rank[:, 1].astype(np.int64), ch_bytes, ch_msgs))
-        self.divergence.check(self.t, sums[0] / sums[1] if sums[1] else float("nan"), lr, e.mirror.x, e.comm)
+        self.divergence.check(self.t, sums[0] / sums[1] if sums[1] else None, lr, e.mirror.x, e.comm)
         self._reset_row()
         return sums
 

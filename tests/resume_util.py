@@ -46,15 +46,22 @@ def kill_after_checkpoint(n: int, cfg_path: Path, out_dir: Path, min_step: int, 
             p.wait()
 
 
-def check_kill_resume(n: int, cfg: dict, tmp_path: Path, name: str, reference_h5: Path, min_step: int):
+def check_kill_resume(n: int, cfg: dict, tmp_path: Path, name: str, reference_h5: Path, min_step: int,
+                      damage_log: str = ""):
     """Kill a run after a checkpoint, check its log is readable, resume; final params and the
-    logged bits/steps must equal the uninterrupted reference run bit for bit."""
+    logged bits/steps must equal the uninterrupted reference run bit for bit.  ``damage_log``
+    ("delete" or "truncate") damages run.h5 before the resume: the checkpoint rebuilds it."""
     cfg_path = write_config(tmp_path / f"{name}-killed.yaml", cfg)
     out_dir = tmp_path / f"{name}-killed"
     step = kill_after_checkpoint(n, cfg_path, out_dir, min_step)
     partial = read(str(out_dir / "run.h5"))  # readable after SIGKILL
     assert "final" not in partial
     assert len(partial["metrics"]["step"]) >= 1
+    h5 = out_dir / "run.h5"
+    if damage_log == "delete":
+        h5.unlink()
+    elif damage_log == "truncate":
+        h5.write_bytes(h5.read_bytes()[: h5.stat().st_size // 3])
     mpirun(n, ["-m", "qprsgd.cli", "run", str(cfg_path), "--out", str(out_dir), "--resume"], timeout=180)
     got, ref = read(str(out_dir / "run.h5")), read(str(reference_h5))
     np.testing.assert_array_equal(got["final"]["params"], ref["final"]["params"])

@@ -74,6 +74,14 @@ def test_non_finite_model_anywhere_stops_every_rank():
         Detector().check(7, 1.0, 0.1, bad, FakeComm())
 
 
+def test_row_without_gradients_checks_the_model_only():
+    d = Detector()
+    d.check(1, 2.0, 0.1, X, FakeComm())
+    d.check(2, None, 0.1, X, FakeComm())  # no loss this row: nothing to judge
+    with pytest.raises(Diverged, match="parameters"):
+        d.check(3, None, 0.1, X, FakeComm(others_bad=1.0))
+
+
 def test_detector_arguments_are_checked():
     for kw in ({"factor": 1.0}, {"factor": float("inf")}, {"floor": 0.0}):
         with pytest.raises(ValueError, match=next(iter(kw))):
