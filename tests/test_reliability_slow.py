@@ -63,7 +63,7 @@ def test_fuzzed_configs_always_get_a_verdict(tmp_path_factory, edits):
     t0 = time.perf_counter()
     v = verdict(tmp, text=text)
     STATS["configs"] += 1
-    assert time.perf_counter() - t0 < 20
+    assert time.perf_counter() - t0 < 120  # a verdict, not a hang (the first one imports torch and loads data)
     assert v["ok"] or (v["code"] == 2 and len(v["error"]) <= 4000), v
 
 
