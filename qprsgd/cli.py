@@ -4,6 +4,11 @@
 before any worker does work (on rank 0 under MPI); a bad config prints one message (naming the
 key, the value and what is allowed) and every rank exits with code 2.  With ``--workers M`` (or
 ``run.workers: M``) the run is in-process: M workers in this one process, no MPI at all.
+
+Exit codes of ``qprsgd run``: 0 done; 1 a failure (an unexpected error, an unwritable folder, a
+worker that raised during training: the job is aborted); 2 refused before any work (config, data
+files, pre-flight, output folder state, checkpoint); 3 the model diverged (see
+qprsgd/divergence.py); 130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue from the run folder's last checkpoint (newest matching folder if no --out)")
     r.add_argument("--workers", type=int, default=None, metavar="M",
                    help="run M workers inside this one process (no mpiexec; overrides run.workers)")
+    r.add_argument("--force", action="store_true",
+                   help="start afresh in a folder that holds a previous run: its log and checkpoints are deleted")
     t = sub.add_parser("topo", help="print the mixing matrix's neighbours, rho, mu, zeta and pre-flight checks")
     t.add_argument("config")
     t.add_argument("-n", "--workers", type=int, default=None, help="number of workers M (default: from mpiexec)")
@@ -118,16 +125,25 @@ def _check_resume(out: str, saved: str, cfg, world_size: int) -> None:
                      f"Resume with the original config: {how}")
 
 
+_LOCK = None  # rank 0's lock on the output folder (qprsgd.ownership), released when the run ends
+
+
 def _prepare(args, world_size: int) -> dict:
-    """Rank 0: validate everything that can be validated before work starts."""
+    """Rank 0: validate everything that can be validated before work starts, then take the
+    output folder (lock; --force/--resume rules; checkpoint verification)."""
+    global _LOCK
+    from . import checkpoint as ckpt
     from . import config
-    from .experiment import preflight
+    from .ownership import acquire
+    from .preflight import check_run
+    if args.resume and getattr(args, "force", False):
+        raise ValueError("--resume and --force contradict each other (continue the run, or replace it)")
     cfg = config.load(args.config, args.set)
     if cfg.run.workers is not None and world_size > 1:
         raise ValueError(f"run.workers: {cfg.run.workers} runs every worker in one process, but this job "
                          f"has {world_size} MPI ranks; remove run.workers (one rank per worker) or start "
                          f"it without mpiexec/srun")
-    preflight(cfg, world_size)
+    check_run(cfg, world_size)
     if args.resume:
         out = args.out or _find_resume(cfg.run.name)
         saved = os.path.join(out, "config.yaml")
@@ -136,7 +152,59 @@ def _prepare(args, world_size: int) -> dict:
         _check_resume(out, saved, cfg, world_size)
     else:
         out = args.out or _default_out(cfg.run.name)
-    return {"ok": True, "yaml": cfg.to_yaml(), "out": out}
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out} exists and is not a folder")
+    lock = acquire(out)
+    try:
+        info = None
+        if args.resume:
+            info = ckpt.verify(out, cfg.to_yaml(), world_size)
+        elif ckpt.holds_run(out):
+            if not getattr(args, "force", False):
+                raise ValueError(f"--out {out} already holds a run (run.h5 or checkpoint/); pass --resume to "
+                                 f"continue it or --force to delete it and start afresh")
+            ckpt.clear(out)
+    except BaseException:
+        lock.release()
+        raise
+    _LOCK = lock
+    return {"ok": True, "yaml": cfg.to_yaml(), "out": out, "info": info, "note": lock.note}
+
+
+def _release_lock() -> None:
+    global _LOCK
+    if _LOCK is not None:
+        _LOCK.release()
+        _LOCK = None
+
+
+MAX_MESSAGE = 4000
+"""Longest error message printed for a refused run (characters)."""
+
+
+def _bounded(text: str) -> str:
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 40] + f"... [{len(text)} characters in all]"
+
+
+def _verdict(args, world_size: int) -> dict:
+    """Rank 0: ``_prepare`` with every failure turned into a verdict (never a raise), so the
+    other ranks, waiting in the broadcast, always learn the outcome.
+
+    Exit codes: 2 -- bad input refused before any work (config, data files, folder state,
+    checkpoint); 1 -- anything else (an unreadable output folder, an internal error)."""
+    import traceback
+    try:
+        return _prepare(args, world_size)
+    except ValueError as e:  # ConfigError, DatasetError, UnknownNameError, refused folder states
+        return {"ok": False, "code": EXIT_CONFIG, "error": _bounded(str(e))}
+    except RecursionError:
+        return {"ok": False, "code": EXIT_CONFIG, "error": "the configuration is nested too deeply"}
+    except OSError as e:
+        return {"ok": False, "code": 1, "error": _bounded(f"{type(e).__name__}: {e}")}
+    except Exception as e:  # a bug: keep the traceback, printed once
+        tb = traceback.format_exc(limit=-12)
+        return {"ok": False, "code": 1,
+                "error": _bounded(f"internal error before training ({type(e).__name__}: {e})\n{tb}")}
 
 
 def cmd_run(args) -> int:
@@ -177,28 +245,30 @@ def _cmd_run_mpi(args, w) -> int:
     import yaml
     from . import config
     from .comm import Comm, install_abort_on_error
+    # first: from here on an uncaught raise on any rank aborts the whole job (exit 1) instead of
+    # leaving the other ranks in a collective forever
+    install_abort_on_error(w)
     comm = Comm(w)
-    verdict = None
-    if comm.rank == 0:
-        try:
-            verdict = _prepare(args, comm.size)
-        except (config.ConfigError, ValueError) as e:
-            verdict = {"ok": False, "error": str(e)}
+    verdict = _verdict(args, comm.size) if comm.rank == 0 else None
     verdict = json.loads(comm.bcast_bytes(json.dumps(verdict).encode() if comm.rank == 0 else None))
     if not verdict["ok"]:
         if comm.rank == 0:
             print(f"qprsgd: {verdict['error']}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
-    install_abort_on_error(w)
+        return int(verdict["code"])
+    if comm.rank == 0 and verdict.get("note"):
+        print(f"qprsgd: {verdict['out']}: {verdict['note']}", file=sys.stderr, flush=True)
     cfg = config.validate(yaml.safe_load(verdict["yaml"]))
     if comm.rank == 0:
         for line in preflight_warnings(cfg, comm.size):
             print(f"qprsgd: {line}", file=sys.stderr, flush=True)      # "qprsgd: WARNING: ..."
     try:
-        return _run(cfg, Comm(w, timeout=cfg.run.timeout), verdict["out"], args.resume)
+        return _run(cfg, Comm(w, timeout=cfg.run.timeout), verdict["out"], verdict["info"])
     except KeyboardInterrupt as e:
         e.out = verdict["out"]
         raise
+    finally:
+        if comm.rank == 0:
+            _release_lock()
 
 
 INTERRUPT_MARK = ".interrupted"
@@ -288,61 +358,67 @@ def cmd_run_inprocess(args, M: int) -> int:
     from . import config
     from .experiment import build_topology, load_data, roles_for
     from .inprocess import WorkerFailed, run_workers
-    try:
-        verdict = _prepare(args, M)
-    except (config.ConfigError, ValueError) as e:
-        print(f"qprsgd: {e}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
+    verdict = _verdict(args, M)
+    if not verdict["ok"]:
+        print(f"qprsgd: {verdict['error']}", file=sys.stderr, flush=True)
+        return int(verdict["code"])
+    if verdict.get("note"):
+        print(f"qprsgd: {verdict['out']}: {verdict['note']}", file=sys.stderr, flush=True)
     cfg = config.validate(yaml.safe_load(verdict["yaml"]))
     for line in preflight_warnings(cfg, M):
         print(f"qprsgd: {line}", file=sys.stderr, flush=True)
     data = load_data(cfg)                                 # one copy, shared by the workers
     topo = build_topology(cfg, roles_for(cfg, M).M)       # likewise (pure math, identical for all)
+    from .divergence import EXIT_DIVERGED
     try:
-        run_workers(M, lambda t: _run(cfg, t, verdict["out"], args.resume, data=data, topology=topo,
-                                      backend="inprocess"),
-                    timeout=cfg.run.timeout)
+        codes = run_workers(M, lambda t: _run(cfg, t, verdict["out"], verdict["info"], data=data, topology=topo,
+                                              backend="inprocess"),
+                            timeout=cfg.run.timeout)
     except WorkerFailed as e:
         sys.stdout.flush()
+        if isinstance(e.exc, _DivergedBetweenRows):
+            print(f"qprsgd: worker {e.rank}: {e.exc}", file=sys.stderr, flush=True)
+            return EXIT_DIVERGED
         if e.tb:
             sys.stderr.write(e.tb)
         print(f"qprsgd: {e}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         return _interrupted(0, M, verdict["out"], None, None, mpi=False)
-    return 0
+    finally:
+        _release_lock()
+    return max(codes)
 
 
-def _run(cfg, comm, out: str, resume: bool, data=None, topology=None, backend: str = "mpi",
+class _DivergedBetweenRows(RuntimeError):
+    """In-process: one worker hit non-finite numbers between metrics rows (see ``_diverged``)."""
+
+
+def _run(cfg, comm, out: str, info, data=None, topology=None, backend: str = "mpi",
          stop_after=None) -> int:
-    """Train on this worker; ``comm`` is its world transport (MPI or in-process).  ``stop_after``
-    (tests only) stops after that many steps like a killed run: no final parameters, not completed."""
+    """Every worker: build and train; ``comm`` is its world transport (MPI or in-process).
+    ``info``: the verified checkpoint to resume from, or None.  ``stop_after`` (tests only) stops
+    after that many steps like a killed run: no final parameters, not completed."""
     from . import checkpoint as ckpt
     from .experiment import build, run_attrs
     from .logger import Logger
     from .worker import Loop
     rank = comm.rank
-    if rank == 0:
-        os.makedirs(out, exist_ok=True)
-        if os.path.exists(os.path.join(out, INTERRUPT_MARK)):
-            os.remove(os.path.join(out, INTERRUPT_MARK))
+    if rank == 0 and os.path.exists(os.path.join(out, INTERRUPT_MARK)):
+        os.remove(os.path.join(out, INTERRUPT_MARK))
     comm.barrier()
     exp = build(cfg, comm, out, data=data, topology=topology, backend=backend)
     path = os.path.join(out, "run.h5")
-    info = ckpt.latest(out) if resume else None
-    if info is not None and int(info.get("world_size", -1)) != comm.size:
-        raise ValueError(f"--resume: checkpoint was written by {info.get('world_size')} ranks, "
-                         f"this job has {comm.size}")
     logger = None
     if rank == 0:
         if info is None:
             with open(os.path.join(out, "config.yaml"), "w") as f:
                 f.write(cfg.to_yaml())
-            logger = Logger(path, attrs=run_attrs(cfg, exp), world_size=comm.size)
-            if exp.topology is not None:
-                _log_topology(logger, exp.topology)
-        else:
-            logger = Logger(path, world_size=comm.size, resume_rows=info["rows"])
+        # a fresh run.h5 in both cases: a resume rebuilds it from the rows saved in the checkpoint
+        restore = None if info is None else ckpt.load_log(out, int(info["step"]))
+        logger = Logger(path, attrs=run_attrs(cfg, exp), world_size=comm.size, restore=restore,
+                        arrays=None if exp.topology is None else _topology_arrays(exp.topology))
+        if info is not None:
             print(f"resuming {out} from step {info['step']}", flush=True)
     loop = Loop(exp, logger)
     if info is not None:
@@ -354,22 +430,55 @@ def _run(cfg, comm, out: str, resume: bool, data=None, topology=None, backend: s
             logger.flush()
         e.step, e.total = loop.t, exp.total_steps
         raise
+    except Exception as exc:
+        from .divergence import explain
+        d = explain(exc, exp.mirror.x, loop.t, exp.lr_at(max(loop.t - 1, 0)))
+        if d is None:
+            raise  # a failure: the abort hook (MPI) or the in-process runner ends the job (exit 1)
+        return _diverged(d, exc, comm, logger, backend)
     if loop.t < exp.total_steps:
+        if logger is not None:
+            logger.close()
         return 0   # stopped early (tests): what a killed run leaves behind
     params = loop.final_params()
     if rank == 0:
         logger.write_array("final/params", params)
         logger.set_attrs(completed=True, final_step=loop.t)
+        logger.close()
         print(f"wrote {path}", flush=True)
     return 0
 
 
-def _log_topology(logger, topo) -> None:
+def _diverged(d, exc, comm, logger, backend: str = "mpi") -> int:
+    """Stop a diverged run: the log keeps its rows and says why, ``completed`` stays false."""
+    from .divergence import EXIT_DIVERGED, Diverged
+    rank = comm.rank
+    if logger is not None:
+        logger.set_attrs(diverged=True, divergence=str(d))
+        logger.close()
+    if isinstance(exc, Diverged):  # every rank raised it at the same row: a clean, collective stop
+        if rank == 0:
+            print(f"qprsgd: {d}", file=sys.stderr, flush=True)
+        return EXIT_DIVERGED
+    # one worker failed on non-finite numbers between rows; the others wait for it: end the job
+    if backend == "inprocess":
+        raise _DivergedBetweenRows(str(d)) from exc   # the in-process runner stops the others (exit 3)
+    print(f"qprsgd: rank {rank}: {d}", file=sys.stderr, flush=True)
+    if comm.size > 1:
+        from .comm import abort
+        if rank == 0:
+            _release_lock()
+        abort(comm.mpi, EXIT_DIVERGED)
+    return EXIT_DIVERGED
+
+
+def _topology_arrays(topo) -> dict:
+    """``topology/W`` with its report numbers as attrs, for the Logger to write at creation."""
     from .topology import report
     rep = report(topo)
     attrs = {k: v for k, v in rep.items() if isinstance(v, (int, float))}
     attrs["name"] = topo.name
-    logger.write_array("topology/W", topo.W, attrs=attrs)
+    return {"topology/W": (topo.W, attrs)}
 
 
 def cmd_topo(args) -> int:

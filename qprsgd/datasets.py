@@ -150,6 +150,9 @@ def digits(data_dir: Optional[str] = None, **params: Any) -> Dataset:
     return _subset(ds, p.max_train, p.max_test)
 
 
+digits.reads_files = False  # config refuses data.data_dir for it (it would be ignored)
+
+
 # --------------------------------------------------------------------------------------------
 # IDX (MNIST)
 _IDX_DTYPES = {0x08: np.uint8}
@@ -369,6 +372,9 @@ def lsq(data_dir: Optional[str] = None, **params: Any) -> Dataset:
     ds = Dataset("lsq", a[:n], y[:n], a[n:], y[n:], 0, (p.dim,), x_star=x_star,
                  info={"noise": p.noise})
     return _subset(ds, p.max_train, p.max_test)
+
+
+lsq.reads_files = False  # synthetic: config refuses data.data_dir for it
 
 
 # --------------------------------------------------------------------------------------------

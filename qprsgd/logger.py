@@ -2,12 +2,14 @@
 
 Rows are buffered in memory and appended in one resize + write per group when ``flush()`` is
 called (the worker loop flushes every ``flush_rows`` rows, at every evaluation, checkpoint and
-at the end).  Each flush opens the file, appends, and closes it again, so a SIGKILL at any
-other moment leaves a complete, readable file holding every flushed row.
+at the end).  The writer holds the file open in SWMR mode (see :class:`Logger`), so readers
+never block it and a SIGKILL leaves a file that a SWMR reader (:func:`open_log`, :func:`read`)
+opens with every flushed row.
 
-Resume: ``Logger(path, ..., resume_rows={'metrics': n, 'eval': m})`` truncates each group to
-the rows that existed at the checkpoint, so rows logged after it (which the resumed run will
-log again, identically) are not duplicated.
+Resume: the rows logged up to a checkpoint are saved in the checkpoint (:meth:`Logger.snapshot`)
+and a resumed run writes a fresh run.h5 from them (``Logger(path, ..., restore=snapshot)``), so
+rows logged after the checkpoint (which the resumed run logs again, identically) are not
+duplicated and a damaged or deleted run.h5 does not lose the run.
 """
 from __future__ import annotations
 
@@ -74,60 +76,108 @@ def _sigint_deferred():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def _open_write(path: str, mode: str):
+    # locking=False: the writer never takes (or waits for) HDF5's file lock, so a reader holding
+    # the file -- with or without SWMR -- can never make the writer's open fail
+    return h5py.File(path, mode, libver="latest", locking=False)
+
+
 class Logger:
+    """Rank 0's writer.  The file is created once (complete, under a temporary name, then renamed
+    into place) and held open for the whole run in HDF5 SWMR mode (single writer, multiple
+    readers): rows are appended with resize + write + flush, which SWMR readers see safely.
+    ``write_array``/``set_attrs`` (topology at the start, final parameters and attrs at the end)
+    leave SWMR mode for a moment (SWMR cannot create objects) and the next flush re-enters it.
+
+    ``restore`` (a :meth:`snapshot` saved with a checkpoint) writes the rows logged before that
+    checkpoint into the new file: a resumed run rebuilds its log from the checkpoint and never
+    depends on the old run.h5 (which may be damaged, truncated or deleted).
+    """
+
     def __init__(self, path: str, *, attrs: Optional[dict] = None, world_size: int = 1,
-                 resume_rows: Optional[dict] = None, flush_rows: int = 100):
+                 restore: Optional[dict] = None, arrays: Optional[dict] = None, flush_rows: int = 100):
         self.path = path
         self.world_size = world_size
         self.flush_rows = flush_rows
         self._buf = {"metrics": [], "eval": [], "per_rank": []}
-        if resume_rows is None:
-            tmp = path + ".tmp"
-            with h5py.File(tmp, "w") as f:
-                f.attrs["schema_version"] = SCHEMA_VERSION
-                for k, v in (attrs or {}).items():
-                    f.attrs[k] = v
-                for group, cols in (("metrics", METRIC_COLUMNS), ("eval", EVAL_COLUMNS)):
-                    g = f.create_group(group)
-                    for name, (dt, desc) in cols.items():
-                        ds = g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(1024,))
-                        ds.attrs["description"] = desc
-                g = f["metrics"]
-                for name, desc, width in (
-                        ("messages_per_rank", "cumulative messages each rank handed to MPI", world_size),
-                        ("bytes_per_rank", "cumulative bytes each rank handed to MPI", world_size),
-                        ("channel_bytes", "cumulative bytes handed to MPI per channel, summed over ranks",
-                         len(CHANNELS)),
-                        ("channel_messages", "cumulative messages per channel, summed over ranks", len(CHANNELS))):
-                    ds = g.create_dataset(name, shape=(0, width), maxshape=(None, width),
-                                          dtype="i8", chunks=(256, width))
-                    ds.attrs["description"] = desc
-                    if name.startswith("channel"):
-                        ds.attrs["channels"] = ",".join(CHANNELS)
-            os.replace(tmp, path)
-        else:
-            with _sigint_deferred(), h5py.File(path, "a") as f:
-                for group, n in resume_rows.items():
-                    for ds in f[group].values():
-                        if isinstance(ds, h5py.Dataset) and ds.shape[0] > n:
-                            ds.resize(n, axis=0)
-                if "final" in f:
-                    del f["final"]
+        self._rows = {"metrics": 0, "eval": 0}
+        tmp = path + ".tmp"
+        f = _open_write(tmp, "w")
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["completed"] = False
+        f.attrs["final_step"] = -1
+        for k, v in (attrs or {}).items():
+            f.attrs[k] = v
+        for group, cols in (("metrics", METRIC_COLUMNS), ("eval", EVAL_COLUMNS)):
+            g = f.create_group(group)
+            for name, (dt, desc) in cols.items():
+                ds = g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(1024,))
+                ds.attrs["description"] = desc
+        g = f["metrics"]
+        for name, desc, width in _PER_RANK(world_size):
+            ds = g.create_dataset(name, shape=(0, width), maxshape=(None, width), dtype="i8", chunks=(256, width))
+            ds.attrs["description"] = desc
+            if name.startswith("channel"):
+                ds.attrs["channels"] = ",".join(CHANNELS)
+        for name, (data, ds_attrs) in (arrays or {}).items():  # e.g. topology/W: before SWMR starts
+            ds = f.create_dataset(name, data=data)
+            for k, v in ds_attrs.items():
+                ds.attrs[k] = v
+        if restore:
+            self._restore(f, restore)
+        f.flush()
+        f.swmr_mode = True  # readers may open it (swmr=True) from the moment it has its name
+        os.replace(tmp, path)  # the open handle follows the rename
+        self._f = f
+
+    def _restore(self, f, snap: dict) -> None:
+        for key, arr in snap.items():
+            _, group, name = key.split("/", 2)
+            ds = f[group][name]
+            arr = np.asarray(arr)
+            if arr.shape[1:] != ds.shape[1:]:
+                raise ValueError(f"logger: checkpoint column {key} has shape {arr.shape}, the log {ds.shape}")
+            ds.resize(arr.shape[0], axis=0)
+            ds[...] = arr
+        for group in ("metrics", "eval"):
+            self._rows[group] = int(f[group]["step"].shape[0])
+
+    # -- the open file ---------------------------------------------------------------------------
+    def _swmr(self):
+        if not self._f.swmr_mode:
+            self._f.swmr_mode = True
+        return self._f
+
+    def _plain(self):
+        """The file outside SWMR mode (to create objects): close and reopen it."""
+        if self._f.swmr_mode:
+            self._f.close()
+            self._f = _open_write(self.path, "a")
+        return self._f
+
+    def close(self) -> None:
+        if self._f is not None and self._f.id.valid:
+            self.flush()
+            self._f.close()
 
     # -- writing ---------------------------------------------------------------------------
     def set_attrs(self, **attrs) -> None:
-        with _sigint_deferred(), h5py.File(self.path, "a") as f:
+        with _sigint_deferred():
+            f = self._plain()
             for k, v in attrs.items():
                 f.attrs[k] = v
+            f.flush()
 
     def write_array(self, name: str, data: np.ndarray, attrs: Optional[dict] = None) -> None:
         """Write (or replace) a whole dataset, e.g. ``topology/W`` or ``final/params``."""
-        with _sigint_deferred(), h5py.File(self.path, "a") as f:
+        with _sigint_deferred():
+            f = self._plain()
             if name in f:
                 del f[name]
             ds = f.create_dataset(name, data=data)
             for k, v in (attrs or {}).items():
                 ds.attrs[k] = v
+            f.flush()
 
     def record(self, group: str, row: dict, per_rank: Optional[tuple] = None) -> None:
         cols = METRIC_COLUMNS if group == "metrics" else EVAL_COLUMNS
@@ -145,7 +195,8 @@ class Logger:
     def flush(self) -> None:
         if not any(self._buf.values()):
             return
-        with _sigint_deferred(), h5py.File(self.path, "a") as f:
+        with _sigint_deferred():
+            f = self._swmr()
             for group, cols in (("metrics", METRIC_COLUMNS), ("eval", EVAL_COLUMNS)):
                 rows = self._buf[group]
                 if not rows:
@@ -156,11 +207,11 @@ class Logger:
                     n = ds.shape[0]
                     ds.resize(n + len(rows), axis=0)
                     ds[n:] = np.array([r[name] for r in rows], dtype=dt)
+                self._rows[group] += len(rows)
             pr = self._buf["per_rank"]
             if pr and pr[0] is not None:
                 g = f["metrics"]
-                for i, name in enumerate(("messages_per_rank", "bytes_per_rank", "channel_bytes",
-                                          "channel_messages")):
+                for i, (name, _, _) in enumerate(_PER_RANK(self.world_size)):
                     ds = g[name]
                     n = ds.shape[0]
                     ds.resize(n + len(pr), axis=0)
@@ -170,10 +221,49 @@ class Logger:
             self._buf = {"metrics": [], "eval": [], "per_rank": []}
 
     def rows(self) -> dict:
-        """Rows already in the file (after a flush): what a checkpoint records."""
+        """Rows written so far (after a flush): what a checkpoint records."""
         self.flush()
-        with h5py.File(self.path, "r") as f:
-            return {g: int(f[g]["step"].shape[0]) for g in ("metrics", "eval")}
+        return dict(self._rows)
+
+    def snapshot(self) -> dict:
+        """Every row written so far as ``{'log/<group>/<column>': array}`` (after a flush): saved
+        with a checkpoint and given back as ``restore=`` when the run resumes."""
+        self.flush()
+        out = {}
+        for group in ("metrics", "eval"):
+            for name, ds in self._f[group].items():
+                out[f"log/{group}/{name}"] = ds[()]
+        return out
+
+
+def _PER_RANK(world_size: int):
+    return (("messages_per_rank", "cumulative messages each rank handed to MPI", world_size),
+            ("bytes_per_rank", "cumulative bytes each rank handed to MPI", world_size),
+            ("channel_bytes", "cumulative bytes handed to MPI per channel, summed over ranks", len(CHANNELS)),
+            ("channel_messages", "cumulative messages per channel, summed over ranks", len(CHANNELS)))
+
+
+def open_log(path: str, retries: int = 20):
+    """Open a run log for reading -- also while its run is writing it.
+
+    The reader recipe (docs/logging.md): ``h5py.File(path, "r", swmr=True)``.  A SWMR reader
+    never blocks the writer and sees every flushed row (call ``ds.refresh()`` on a dataset to see
+    rows appended after opening).  At the very end of a run the writer leaves SWMR mode for a
+    moment to add ``final/params``; an open during that moment fails and is retried here.  A
+    finished file, or one in an older format, is opened plainly."""
+    last = None
+    for i in range(retries + 1):
+        try:
+            return h5py.File(path, "r", swmr=True)
+        except OSError as e:
+            last = e
+        try:
+            return h5py.File(path, "r", locking=False)
+        except OSError as e:
+            last = e
+        if i < retries:
+            time.sleep(0.05 * (i + 1))
+    raise last
 
 
 class Columns(dict):
@@ -203,16 +293,19 @@ class Columns(dict):
 
 
 def read_attrs(path: str) -> dict:
-    """The run's file attributes only (``completed``, ``final_step``, ``config_yaml``, ...)."""
-    with h5py.File(path, "r") as f:
+    """The run's file attributes only (``completed``, ``final_step``, ``config_yaml``, ...);
+    safe while the run writes the file (:func:`open_log`)."""
+    with open_log(path) as f:
         return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
 
 
 def read(path: str) -> dict:
     """Read a run log into plain numpy arrays: ``{'attrs': {...}, 'metrics': Columns, 'eval':
-    Columns, ...}`` (one :class:`Columns` per group; datasets at the file's root under 'root')."""
+    Columns, ...}`` (one :class:`Columns` per group; datasets at the file's root under 'root').
+
+    Safe while the run writes the file (SWMR, see :func:`open_log`); rows are whole rows."""
     out: dict = {}
-    with h5py.File(path, "r") as f:
+    with open_log(path) as f:
         out["attrs"] = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
 
         def visit(name, obj):
@@ -224,6 +317,14 @@ def read(path: str) -> dict:
                     g.attrs[leaf] = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in obj.attrs.items()}
 
         f.visititems(visit)
+    # a log read while its run writes it may catch a flush between two columns: keep the rows
+    # that every column of a group already holds, so a reader always sees whole rows
+    for group in ("metrics", "eval"):
+        cols = {k: v for k, v in out.get(group, {}).items() if k != "_attrs" and np.ndim(v) >= 1}
+        if cols:
+            n = min(len(v) for v in cols.values())
+            for k, v in cols.items():
+                out[group][k] = v[:n]
     return out
 
 

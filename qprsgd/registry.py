@@ -55,8 +55,11 @@ def summary(doc: str) -> str:
     return re.sub(r"\s+\.(\s|$)", r".\1", text).strip()
 
 
-class UnknownNameError(KeyError):
-    """A registry lookup for a name that is not registered; the message lists the known ones."""
+class UnknownNameError(KeyError, ValueError):
+    """A registry lookup for a name that is not registered; the message lists the known ones.
+
+    Also a ValueError: a name typed by the user (e.g. a topology's ``base`` inside
+    ``generalized_elastic``) is bad input, and every config path catches ValueError."""
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])

@@ -129,11 +129,17 @@ def _axes(spec: dict) -> list[list[dict]]:
 def load_spec(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
-            spec = yaml.safe_load(f)
+            spec = qconfig.yaml_load(f)
     except FileNotFoundError:
         raise SweepError(f"sweep file {path!r} does not exist") from None
+    except OSError as e:
+        raise SweepError(f"sweep file {path!r} cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise SweepError(f"sweep file {path!r} is not UTF-8 text; is it a binary file?") from None
     except yaml.YAMLError as e:
-        raise SweepError(f"sweep file {path!r} is not valid YAML: {e}") from None
+        raise SweepError(f"sweep file {path!r} is not valid YAML: {qconfig.cut(str(e), 600)}") from None
+    except RecursionError:
+        raise SweepError(f"sweep file {path!r} is nested too deeply") from None
     if not isinstance(spec, dict):
         raise SweepError(f"sweep file {path!r}: top level must be a mapping")
     spec = dict(spec)
@@ -183,11 +189,13 @@ def expand(spec: dict, validate: bool = True) -> list[Run]:
         elif validate:
             try:
                 cfg = qconfig.validate(raw)
-                from .experiment import preflight
-                preflight(cfg, ranks)
+                from .preflight import check_run
+                check_run(cfg, ranks)
                 run.yaml = cfg.to_yaml()
-            except (qconfig.ConfigError, ValueError) as e:
+            except ValueError as e:  # ConfigError, DatasetError, UnknownNameError, pre-flight
                 run.error = str(e).replace("\n", " ")
+            except RecursionError:
+                run.error = "the configuration is nested too deeply"
         runs.append(run)
     return runs
 
@@ -204,7 +212,8 @@ def summarize_run(h5: str) -> dict:
     from .logger import read
     log = read(h5)
     ev = log.get("eval", {})
-    out = {"completed": bool(log["attrs"].get("completed", False))}
+    out = {"completed": bool(log["attrs"].get("completed", False)),
+           "diverged": bool(log["attrs"].get("diverged", False))}
     if len(ev.get("step", [])):
         import numpy as np
         acc = np.asarray(ev["test_accuracy"], float)
@@ -267,7 +276,7 @@ def prepare(spec: dict, runs: list[Run], out: str) -> None:
             s = summarize_run(h5)
             if s:
                 r.extra = s
-                r.status = "done" if s.get("completed") else "incomplete"
+                r.status = "done" if s.get("completed") else "diverged" if s.get("diverged") else "incomplete"
         else:
             r.status = "invalid"
     plan = {"name": spec.get("name"), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -313,15 +322,16 @@ def run_local(runs: list[Run], out: str, timeout: Optional[float] = None, force:
     for r in runs:
         if r.error is not None:
             continue
-        if r.status == "done" and not force:
+        if r.status in ("done", "diverged") and not force:
             print(f"[{r.index + 1}/{len(runs)}] {r.name}: done already (use --force to re-run)", flush=True)
             continue
         h5 = os.path.join(r.folder, "run.h5")
-        if os.path.exists(h5):
-            os.remove(h5)
+        from .checkpoint import holds_run
+        again = holds_run(r.folder)  # a re-run replaces the folder's old run (qprsgd run --force)
+        if again:
             with open(os.path.join(r.folder, "config.yaml"), "w") as f:
                 f.write(r.yaml)
-        cmd = run_command(r, mpiexec)
+        cmd = run_command(r, mpiexec) + (["--force"] if again else [])
         print(f"[{r.index + 1}/{len(runs)}] {r.name}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
         t0 = time.perf_counter()
         with open(os.path.join(r.folder, "stdout.log"), "w") as lo:
@@ -334,8 +344,9 @@ def run_local(runs: list[Run], out: str, timeout: Optional[float] = None, force:
                 p.wait()
                 rc = 124
         r.extra = summarize_run(h5)
-        r.status = "done" if rc == 0 else f"failed(rc={rc})"
-        failed += rc != 0
+        # a diverged run (exit 3) is a result, not a failure: index.csv says "diverged"
+        r.status = "done" if rc == 0 else "diverged" if rc == 3 else f"failed(rc={rc})"
+        failed += rc not in (0, 3)
         print(f"    {r.status} in {time.perf_counter() - t0:.1f}s"
               + (f"; see {os.path.join(r.folder, 'stdout.log')}" if rc else ""), flush=True)
         write_index(out, runs)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from .divergence import Detector
 from .experiment import Experiment
 from .logger import CHANNELS
 from .models import loss_fn
@@ -39,6 +40,7 @@ class Loop:
         self.wall_offset = 0.0
         self._reset_row()
         self.last_eval: Optional[dict] = None
+        self.divergence = Detector()  # raises divergence.Diverged on every rank at the same row
 
     # -- accounting (the ledger is the only source of bytes and seconds) ------------------------
     def _reset_row(self):
@@ -130,6 +132,8 @@ class Loop:
             arrays["alg/" + k] = v
         for k, v in e.flat.buffers_state().items():
             arrays["buf/" + k] = v
+        if self.logger is not None:  # the log rows so far: a resume rebuilds run.h5 from them
+            arrays.update(self.logger.snapshot())
         meta = {
             "t": self.t,
             "rng_alg": ckpt.rng_state(e.algorithm.env.rng),
@@ -140,7 +144,8 @@ class Loop:
         ckpt.save_rank(e.out_dir, e.comm.rank, self.t, arrays, meta)
         e.comm.barrier()
         if e.comm.rank == 0:
-            ckpt.commit(e.out_dir, self.t, {"rows": rows, "world_size": e.comm.size})
+            ckpt.commit(e.out_dir, self.t, {"rows": rows, "world_size": e.comm.size,
+                                            "fingerprint": ckpt.fingerprint(e.cfg.to_yaml(), e.comm.size)})
         e.comm.barrier()
 
     def load_checkpoint(self, info: dict):
@@ -190,6 +195,7 @@ class Loop:
                 "t_step": maxes[3],
                 "steps": self.row_steps,
             }, per_rank=(per_rank[:, 0].astype(np.int64), per_rank[:, 1].astype(np.int64), ch_bytes, ch_msgs))
+        self.divergence.check(self.t, sums[0] / sums[1] if sums[1] else None, lr, e.mirror.x, e.comm)
         self._reset_row()
         return sums
 
@@ -217,6 +223,7 @@ class Loop:
         start = time.perf_counter()
         if self.t == 0:
             self._eval_row(0.0)
+            self.divergence.reference(self.last_eval["test_loss"])
         lr = e.lr_at(self.t)
         while self.t < e.total_steps:
             if stop_after is not None and self.t >= stop_after:

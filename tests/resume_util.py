@@ -55,15 +55,21 @@ def kill_after_checkpoint(n: int, cfg_path: Path, out_dir: Path, min_step: int, 
 
 
 def check_kill_resume(n: int, cfg: dict, tmp_path: Path, name: str, reference_h5: Path, min_step: int,
-                      mpi: bool = False):
+                      mpi: bool = False, damage_log: str = ""):
     """Kill a run after a checkpoint, check its log is readable, resume; final params and the
-    logged bits/steps must equal the uninterrupted reference run bit for bit."""
+    logged bits/steps must equal the uninterrupted reference run bit for bit.  ``damage_log``
+    ("delete" or "truncate") damages run.h5 before the resume: the checkpoint rebuilds it."""
     cfg_path = write_config(tmp_path / f"{name}-killed.yaml", cfg)
     out_dir = tmp_path / f"{name}-killed"
     step = kill_after_checkpoint(n, cfg_path, out_dir, min_step, mpi=mpi)
     partial = read(str(out_dir / "run.h5"))  # readable after SIGKILL
     assert "final" not in partial
     assert len(partial["metrics"]["step"]) >= 1
+    h5 = out_dir / "run.h5"
+    if damage_log == "delete":
+        h5.unlink()
+    elif damage_log == "truncate":
+        h5.write_bytes(h5.read_bytes()[: h5.stat().st_size // 3])
     args = ["run", cfg_path, "--out", out_dir, "--resume"]
     if mpi:
         mpirun(n, ["-m", "qprsgd.cli", *map(str, args)], timeout=180)
@@ -95,7 +101,7 @@ def check_stop_resume(n: int, cfg: dict, tmp_path: Path, name: str, reference_h5
     out_dir = tmp_path / f"{name}-stopped"
     c = C.load(str(cfg_path), [])
     data = load_data(c)
-    run_workers(n, lambda t: _run(c, t, str(out_dir), False, data=data, backend="inprocess",
+    run_workers(n, lambda t: _run(c, t, str(out_dir), None, data=data, backend="inprocess",
                                   stop_after=min_step + 1), timeout=300)
     latest = json.loads((out_dir / "checkpoint" / "latest.json").read_text())
     assert latest["step"] >= min_step
