@@ -63,11 +63,15 @@ def _find_resume(name: str) -> str:
     return max(cands, key=os.path.getmtime)
 
 
-def _prepare(args, world_size: int) -> dict:
+def _prepare(args, world_size: int, env: dict) -> dict:
     """Rank 0: validate everything that can be validated before work starts."""
     from . import config
     from .experiment import preflight
+    from .launch import check, mpi_library
     cfg = config.load(args.config, args.set)
+    bad_launch = check(env, world_size, cfg.run.ranks, mpi_library().get("library"))
+    if bad_launch:
+        raise ValueError(bad_launch)
     preflight(cfg, world_size)
     if args.resume:
         out = args.out or _find_resume(cfg.run.name)
@@ -83,6 +87,7 @@ def _prepare(args, world_size: int) -> dict:
 
 
 def cmd_run(args) -> int:
+    env = dict(os.environ)   # as the launcher set it, before MPI initialises (Open MPI adds variables)
     import yaml
     from . import config
     from .comm import Comm, install_abort_on_error, world
@@ -91,7 +96,7 @@ def cmd_run(args) -> int:
     verdict = None
     if comm.rank == 0:
         try:
-            verdict = _prepare(args, comm.size)
+            verdict = _prepare(args, comm.size, env)
         except (config.ConfigError, ValueError) as e:
             verdict = {"ok": False, "error": str(e)}
     verdict = json.loads(comm.bcast_bytes(json.dumps(verdict).encode() if comm.rank == 0 else None))

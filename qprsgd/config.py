@@ -73,6 +73,10 @@ class RunConfig(_Strict):
     server: Literal["rank0", "dedicated"] = Field(
         "rank0", description="parameter server / centre placement: rank 0 doubles as server, or one extra rank")
     progress: bool = Field(True, description="progress line on rank 0 at each evaluation")
+    ranks: Optional[int] = Field(
+        None, ge=1, description="expected MPI processes (dedicated server included); the run refuses any "
+                                "other world size. Default: whatever the launcher started (still checked "
+                                "against the launcher's own count)")
 
 
 class DataConfig(_Strict):
