@@ -42,6 +42,8 @@ _EXTRA: dict[str, str] = {
     "netem": "netem",
     "sweep": "sweep",
     "report": "report",
+    "submit": "submit",
+    "doctor": "launch",
 }
 
 

@@ -224,3 +224,86 @@ def mpi_library(env: Optional[Mapping[str, str]] = None, cuda: bool = False, tim
         tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
         return {"error": f"the MPI library probe exited {p.returncode}: {' | '.join(tail)}"}
     return json.loads(lines[-1])
+
+
+# -- qprsgd doctor ------------------------------------------------------------------------------
+def _version_line(cmd: list[str], pick: str = "") -> Optional[str]:
+    """``path: first output line`` of a version command (the first line containing ``pick`` when
+    one does), or None when the program is not there."""
+    import shutil
+    exe = shutil.which(cmd[0]) if os.sep not in cmd[0] else (cmd[0] if os.path.exists(cmd[0]) else None)
+    if exe is None:
+        return None
+    try:
+        p = subprocess.run([exe] + cmd[1:], capture_output=True, text=True, timeout=20)
+    except (subprocess.TimeoutExpired, OSError) as e:
+        return f"{exe}: {e}"
+    lines = [x.strip() for x in (p.stdout + p.stderr).splitlines() if x.strip()]
+    picked = [x for x in lines if pick.lower() in x.lower()] or lines
+    return f"{exe}: {picked[0] if picked else '(no output)'}"
+
+
+def _dist_version(name: str) -> str:
+    from importlib import metadata
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def doctor_report(env: Optional[Mapping[str, str]] = None) -> tuple[list[str], int]:
+    """The lines ``qprsgd doctor`` prints and its exit code (1 when mpi4py cannot load an MPI)."""
+    from . import __version__
+    env = dict(os.environ if env is None else env)
+    lines = [f"qprsgd {__version__}; python {sys.version.split()[0]} ({sys.executable})",
+             "packages: " + ", ".join(f"{n} {_dist_version(n)}" for n in
+                                      ("mpi4py", "mpich", "numpy", "torch", "h5py", "numba"))]
+    for k in ("MPI4PY_LIBMPI", "MPI4PY_MPIABI", "LD_LIBRARY_PATH"):
+        lines.append(f"{k}={env[k]}" if env.get(k) else f"{k} not set")
+    info = mpi_library(env=env, cuda=True)
+    if "error" in info:
+        lines.append(f"MPI library: mpi4py cannot load one: {info['error']} (docs/cluster.md)")
+        return lines, 1
+    lib = info["library"].splitlines()[0].strip()
+    bundled = bool(info.get("file")) and os.path.realpath(info["file"]).startswith(
+        os.path.realpath(sys.prefix) + os.sep)
+    lines.append(f"MPI library: {lib} (MPI {info['standard']})")
+    lines.append(f"  file: {info.get('file')}" + ("  [the bundled MPICH wheel]" if bundled else ""))
+    lines.append(f"  ABI: {info['abi']} (the mpi4py extension it loads)")
+    cuda = info.get("cuda_aware")
+    lines.append("  CUDA-aware: " + ("yes" if cuda else "no" if cuda is False else
+                                     "not detectable (the library answers no MPIX query)"
+                                     + (f" [{info['cuda_error']}]" if info.get("cuda_error") else "")))
+    fam = _family(info["library"])
+    if fam == "openmpi":
+        launcher = _version_line(["mpirun", "--version"], "open mpi")
+        want, ok = "Open MPI's mpirun", "open mpi"
+    else:
+        here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+        launcher = _version_line([here if bundled and os.path.exists(here) else "mpiexec", "--version"], "version")
+        want, ok = "hydra's mpiexec", "version:"
+    lines.append(f"launcher for it: {want}: {launcher or 'not found on PATH'}")
+    if launcher and ok not in launcher.lower():
+        lines.append("  WARNING: that launcher does not look like the library's own; its ranks may each "
+                     "be a 1-rank job (qprsgd run refuses that)")
+    srun = _version_line(["srun", "--version"], "slurm ")
+    if srun and not srun.split(": ", 1)[1].lower().startswith("slurm "):
+        srun = f"{srun.split(': ', 1)[0]} (no version: no SLURM configuration reachable from here)"
+    plugin = srun_mpi_for(info["library"])
+    lines.append(f"SLURM: {srun or 'srun not found'}; srun --mpi={plugin or '? (not known for this library)'} "
+                 f"for this library (what qprsgd submit / sweep --slurm write)")
+    la = announced(env)
+    lines.append("this process: " + (f"started by {la.detail}, {la.size} processes ({la.source})" if la
+                                     else "not started by a launcher"))
+    return lines, 0
+
+
+def add_parser(sub) -> None:
+    sub.add_parser("doctor", help="print the MPI library mpi4py loads, its ABI, the launcher and srun "
+                                  "--mpi it needs, CUDA-awareness and versions (initialises no MPI here)")
+
+
+def main(args) -> int:
+    lines, rc = doctor_report()
+    print("\n".join(lines))
+    return rc

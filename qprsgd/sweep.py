@@ -178,9 +178,13 @@ def expand(spec: dict, validate: bool = True) -> list[Run]:
         label = "-".join(_label_part(k, v) for k, v in assign.items() if k.split(".")[-1] != "seed") or "base"
         full = "-".join(_label_part(k, v) for k, v in assign.items()) or "base"
         run = Run(i, f"{i:03d}-{full}"[:120], ranks, assign, raw, label)
+        pinned = (raw.get("run") or {}).get("ranks") if isinstance(raw.get("run"), dict) else None
         if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
             run.error = f"ranks: must be a positive integer (got {ranks!r})"
+        elif pinned is not None and pinned != ranks:
+            run.error = f"run.ranks: {pinned!r} differs from the sweep's ranks {ranks} (leave run.ranks out)"
         elif validate:
+            set_dotted(raw, "run.ranks", ranks)   # the run refuses any other world size (qprsgd.launch)
             try:
                 cfg = qconfig.validate(raw)
                 from .experiment import preflight
@@ -328,9 +332,15 @@ def run_local(runs: list[Run], out: str, timeout: Optional[float] = None, force:
 
 
 # -- SLURM ---------------------------------------------------------------------------------------
+FORWARDED_ENV = ("MPI4PY_LIBMPI", "MPI4PY_MPIABI", "LD_LIBRARY_PATH")
+"""Written into job scripts as ``export`` lines when set at submit time: they choose the MPI
+library, and the srun ``--mpi`` plugin was chosen for that library."""
+SRUN_MPI_CHOICES = ("auto", "pmi2", "pmix", "none")
+
+
 def fill_template(text: str, values: dict) -> str:
     """Replace ``@KEY@``; a line whose placeholder has an empty value is dropped.  Unknown
-    placeholders are an error."""
+    placeholders are an error.  A value may span several lines."""
     out = []
     for line in text.splitlines():
         keys = re.findall(r"@([A-Z_]+)@", line)
@@ -345,39 +355,90 @@ def fill_template(text: str, values: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def env_exports(env=None) -> str:
+    """``export`` lines for the MPI-choosing variables set in ``env`` (default: this process)."""
+    env = os.environ if env is None else env
+    return "\n".join(f"export {k}={shlex.quote(env[k])}" for k in FORWARDED_ENV if env.get(k))
+
+
+def srun_mpi(choice: str = "auto") -> tuple[str, str]:
+    """``(plugin, why)``: the ``srun --mpi`` value for the MPI library mpi4py loads in this
+    environment (qprsgd.launch; no MPI initialised here), or ``choice`` when given."""
+    if choice not in SRUN_MPI_CHOICES:
+        raise SweepError(f"--mpi: one of {', '.join(SRUN_MPI_CHOICES)} (got {choice!r})")
+    if choice != "auto":
+        return choice, "given with --mpi"
+    from .launch import mpi_library, srun_mpi_for
+    info = mpi_library()
+    if "error" in info:
+        raise SweepError(f"--mpi auto: cannot tell which MPI library mpi4py loads ({info['error']}); "
+                         f"pass --mpi pmi2|pmix|none")
+    lib = info["library"].splitlines()[0].strip()
+    plugin = srun_mpi_for(info["library"])
+    if plugin is None:
+        raise SweepError(f"--mpi auto: no known srun plugin for {lib!r}; pass --mpi "
+                         f"(srun --mpi=list shows what the cluster offers)")
+    return plugin, f"mpi4py loads {lib} ({info.get('file')})"
+
+
+def slurm_values(*, name: str, nodes: int, tasks_per_node: int, cpus_per_task: int, gpus_per_node: int,
+                 time_limit: str, partition: str, account: str, log_dir: str, mpi: str,
+                 python: Optional[str] = None) -> dict:
+    """The placeholders both job templates share."""
+    for key, v, lo in (("--nodes", nodes, 1), ("--ntasks-per-node", tasks_per_node, 1),
+                       ("--cpus-per-task", cpus_per_task, 1), ("--gpus-per-node", gpus_per_node, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise SweepError(f"{key}: an integer >= {lo} (got {v!r})")
+    return {"JOB_NAME": name, "NODES": nodes, "TASKS_PER_NODE": tasks_per_node,
+            "CPUS_PER_TASK": cpus_per_task, "GPUS_PER_NODE": gpus_per_node or "", "TIME": time_limit,
+            "PARTITION": partition, "ACCOUNT": account, "LOG_DIR": os.path.abspath(log_dir),
+            "PYTHON": shlex.quote(python or sys.executable), "WORKDIR": shlex.quote(os.getcwd()),
+            "SRUN_MPI": mpi, "ENV_EXPORTS": env_exports()}
+
+
 def slurm_script(runs: list[Run], out: str, *, name: str, nodes: int = 1, gpus_per_node: int = 0,
                  time_limit: str = "01:00:00", partition: str = "", account: str = "",
-                 cpus_per_task: int = 1, template: Optional[str] = None, python: Optional[str] = None) -> str:
+                 cpus_per_task: int = 1, template: Optional[str] = None, python: Optional[str] = None,
+                 mpi: str = "pmi2") -> str:
     """A job-array script (one array task per valid run) from jobs/slurm_array.sbatch."""
     valid = [r for r in runs if r.error is None]
     if not valid:
         raise SweepError("no valid runs to put in a job array")
     ntasks = max(r.ranks for r in valid)
-    if ntasks % nodes and nodes > 1:
-        tasks_per_node = -(-ntasks // nodes)
-    else:
-        tasks_per_node = max(ntasks // nodes, 1)
+    tasks_per_node = -(-ntasks // nodes)
+    if nodes > ntasks:
+        raise SweepError(f"--nodes {nodes}: more nodes than the largest run has ranks ({ntasks})")
     cases = []
     for k, r in enumerate(valid):
         cases.append(f"  {k}) RUN={shlex.quote(os.path.abspath(r.folder))}; RANKS={r.ranks} ;;")
     tpl = template or os.path.join(JOBS_DIR, "slurm_array.sbatch")
     with open(tpl) as f:
         text = f.read()
-    values = {
-        "JOB_NAME": name, "NODES": nodes, "NTASKS": ntasks, "TASKS_PER_NODE": tasks_per_node,
-        "CPUS_PER_TASK": cpus_per_task, "GPUS_PER_NODE": gpus_per_node or "", "TIME": time_limit,
-        "PARTITION": partition, "ACCOUNT": account, "ARRAY": f"0-{len(valid) - 1}",
-        "LOG_DIR": os.path.abspath(out), "PYTHON": python or sys.executable,
-        "WORKDIR": os.getcwd(), "NRUNS": len(valid), "RUN_CASES": "\n".join(cases),
-    }
-    # RUN_CASES is multi-line: substitute it after the line-wise fill
-    values_line = dict(values, RUN_CASES="__RUN_CASES__")
-    script = fill_template(text, values_line).replace("__RUN_CASES__", values["RUN_CASES"])
+    values = slurm_values(name=name, nodes=nodes, tasks_per_node=tasks_per_node, cpus_per_task=cpus_per_task,
+                          gpus_per_node=gpus_per_node, time_limit=time_limit, partition=partition,
+                          account=account, log_dir=out, mpi=mpi, python=python)
+    values.update(NTASKS=ntasks, ARRAY=f"0-{len(valid) - 1}", NRUNS=len(valid), RUN_CASES="\n".join(cases))
+    script = fill_template(text, values)
     path = os.path.join(out, "sweep.sbatch")
     with open(path, "w") as f:
         f.write(script)
     os.chmod(path, 0o755)
     return path
+
+
+def sbatch(path: str, timeout: float = 60.0) -> str:
+    """Submit a job script; returns the job id (SweepError with sbatch's message on failure)."""
+    import shutil
+    exe = shutil.which("sbatch")
+    if exe is None:
+        raise SweepError("--submit: sbatch not found on PATH (write the script without --submit and copy it)")
+    try:
+        p = subprocess.run([exe, "--parsable", path], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SweepError(f"sbatch {path}: no answer in {timeout:.0f} s") from None
+    if p.returncode != 0:
+        raise SweepError(f"sbatch {path} exited {p.returncode}: {p.stderr.strip()}")
+    return p.stdout.strip().split(";")[0]
 
 
 # -- CLI -----------------------------------------------------------------------------------------
@@ -399,6 +460,10 @@ def add_parser(sub) -> None:
     p.add_argument("--partition", default="")
     p.add_argument("--account", default="")
     p.add_argument("--template", default=None, help="job-array template (default jobs/slurm_array.sbatch)")
+    p.add_argument("--mpi", default="auto", choices=SRUN_MPI_CHOICES,
+                   help="--slurm: srun --mpi plugin (default auto: pmi2 for the MPICH family, pmix for "
+                        "Open MPI, from the library mpi4py loads here)")
+    p.add_argument("--submit", action="store_true", help="--slurm: also submit the array with sbatch")
 
 
 def main(args) -> int:
@@ -422,6 +487,12 @@ def main(args) -> int:
     if not (args.local or args.slurm):
         print("dry run: nothing written, nothing ran (--local runs them, --slurm writes a job array)")
         return 2 if bad else 0
+    if args.slurm:
+        try:
+            mpi, why = srun_mpi(args.mpi)
+        except SweepError as e:
+            print(f"qprsgd sweep: {e}", file=sys.stderr)
+            return 2
     try:
         prepare(spec, runs, out)
     except OSError as e:
@@ -436,10 +507,15 @@ def main(args) -> int:
             path = slurm_script(runs, out, name=str(spec["name"]), nodes=args.nodes,
                                 gpus_per_node=args.gpus_per_node, time_limit=args.time,
                                 partition=args.partition, account=args.account,
-                                cpus_per_task=args.cpus_per_task, template=args.template)
+                                cpus_per_task=args.cpus_per_task, template=args.template, mpi=mpi)
+            print(f"srun --mpi={mpi}: {why}")
+            if not args.submit:
+                print(f"wrote {path}: submit with  sbatch {path}")
+                return 0
+            job = sbatch(path)
         except SweepError as e:
             print(f"qprsgd sweep: {e}", file=sys.stderr)
             return 2
-        print(f"wrote {path}: submit with  sbatch {path}")
+        print(f"wrote {path}; submitted job array {job}")
         return 0
     return 0

@@ -111,6 +111,8 @@ def test_slurm_script_names_every_run_and_parses(tmp_path):
     for k, run in enumerate(plan["runs"]):
         assert f"  {k}) RUN=" in script and run["name"] in script
         assert (tmp_path / "res" / run["name"] / "config.yaml").exists()
+    assert "srun --mpi=pmi2 " in script               # detected: mpi4py loads an MPICH here (bundled wheel)
+    assert f"PYTHON=${{QPRSGD_PYTHON:-{sys.executable}}}" in script and "#SBATCH --export=ALL" in script
     assert "#SBATCH --array=0-3" in script and "#SBATCH --nodes=2" in script
     assert "#SBATCH --gpus-per-node=1" in script and "#SBATCH --time=00:30:00" in script
     assert "#SBATCH --partition" not in script                              # empty placeholder: line dropped
@@ -118,6 +120,53 @@ def test_slurm_script_names_every_run_and_parses(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "res" / "index.csv")))
     assert [x["run"] for x in rows] == [x["name"] for x in plan["runs"]]
     assert {x["status"] for x in rows} == {"planned"}
+
+
+def test_slurm_cpu_job_has_no_gres_and_forwards_the_mpi_choice(tmp_path, monkeypatch):
+    spec = {"name": "cpu", "base": BASE, "ranks": 2, "grid": {"seed": [0]}}
+    p = write(tmp_path, spec)
+    monkeypatch.setenv("MPI4PY_MPIABI", "mpich")
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/my mpi/lib")
+    r = cli("sweep", p, "--slurm", "--mpi", "pmix", "--out", tmp_path / "res", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    script = (tmp_path / "res" / "sweep.sbatch").read_text()
+    assert "#SBATCH --gpus" not in script and "#SBATCH --gres" not in script
+    assert "srun --mpi=pmix " in script and "given with --mpi" in r.stdout
+    assert "export MPI4PY_MPIABI=mpich" in script and "export LD_LIBRARY_PATH='/opt/my mpi/lib'" in script
+    # every run of the sweep pins its world size
+    run = json.loads((tmp_path / "res" / "sweep.json").read_text())["runs"][0]["name"]
+    assert yaml.safe_load((tmp_path / "res" / run / "config.yaml").read_text())["run"]["ranks"] == 2
+    # a config that pins another size is refused, naming the key
+    spec["set"] = {"run.ranks": 3}
+    runs = sw.expand(sw.load_spec(str(write(tmp_path, spec))))
+    assert "run.ranks" in runs[0].error and "3" in runs[0].error
+
+
+def test_submit_print_and_write(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(BASE))
+    r = cli("submit", cfg, "--nodes", 2, "--ntasks-per-node", 2, "--gpus-per-node", 1, "--time", "00:10:00",
+            "--set", "train.lr=0.05", "--out", tmp_path / "job", "--print", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "#SBATCH --nodes=2" in r.stdout and "#SBATCH --ntasks-per-node=2" in r.stdout
+    assert "#SBATCH --gpus-per-node=1" in r.stdout and "srun --mpi=pmi2 --ntasks=4 " in r.stdout
+    assert sys.executable in r.stdout and "@" not in r.stdout
+    assert not (tmp_path / "job").exists()                     # --print writes nothing
+    r = cli("submit", cfg, "--nodes", 1, "--ntasks-per-node", 2, "--mpi", "none", "--set", "train.lr=0.05",
+            "--out", tmp_path / "job", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    script = (tmp_path / "job" / "job.sbatch").read_text()
+    assert "#SBATCH --gpus" not in script and "srun --mpi=none --ntasks=2 " in script
+    assert subprocess.run(["bash", "-n", str(tmp_path / "job" / "job.sbatch")]).returncode == 0
+    frozen = yaml.safe_load((tmp_path / "job" / "job-config.yaml").read_text())
+    assert frozen["train"]["lr"] == 0.05 and frozen["run"]["ranks"] == 2
+    # bad input: one message naming the key, nothing written
+    for args, words in ((["--set", "train.lr=-1"], "train.lr"), (["--set", "run.ranks=3"], "run.ranks"),
+                        (["--set", "algorithm={name: d_psgd}", "--ntasks-per-node", 1], "topology")):
+        argv = ["submit", cfg, "--nodes", 1, "--ntasks-per-node", 2, "--out", tmp_path / "bad", *args]
+        r = cli(*argv, cwd=tmp_path)
+        assert r.returncode == 2 and words in r.stderr, (args, r.stderr)
+        assert not (tmp_path / "bad").exists()
 
 
 def test_job_templates_parse():
