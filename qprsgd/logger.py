@@ -157,6 +157,20 @@ class Logger:
             return {g: int(f[g]["step"].shape[0]) for g in ("metrics", "eval")}
 
 
+def run_state(path: str) -> dict:
+    """What a run's log says about its state, reading only attributes and last rows (cheap on big
+    logs, and without HDF5 file locking so a log that rank 0 is appending to can be inspected):
+    ``completed`` (the run reached its end), ``world_size``, ``last_step`` (last metrics row, 0 if
+    none), ``final_step``.  Raises OSError when the file cannot be read."""
+    with h5py.File(path, "r", locking=False) as f:
+        a = f.attrs
+        step = f["metrics/step"] if "metrics/step" in f else None
+        last = int(step[-1]) if step is not None and step.shape[0] else 0
+        return {"completed": bool(a.get("completed", False)),
+                "world_size": int(a["world_size"]) if "world_size" in a else None,
+                "last_step": last, "final_step": int(a["final_step"]) if "final_step" in a else None}
+
+
 def read(path: str) -> dict:
     """Read a run log into plain numpy arrays: {'attrs': {...}, 'metrics': {...}, 'eval': {...}, ...}."""
     out: dict = {}

@@ -53,6 +53,8 @@ def load_runs(folder: str) -> list[dict]:
     else:
         for h5 in sorted(glob.glob(os.path.join(folder, "*", "run.h5"))):
             entries.append((os.path.basename(os.path.dirname(h5)), None, h5))
+    from .sweep import done_only
+    entries = done_only(folder, entries)   # only runs that are done with their planned world size
     runs = []
     for name, label, h5 in entries:
         log = read(h5)

@@ -64,6 +64,7 @@ class Run:
     folder: str = ""
     status: str = "planned"
     extra: dict = field(default_factory=dict)
+    note: str = ""        # why a run is failed / wrong-size / running
 
 
 def set_dotted(d: dict, key: str, value: Any) -> None:
@@ -198,7 +199,90 @@ def expand(spec: dict, validate: bool = True) -> list[Run]:
 
 # -- files ---------------------------------------------------------------------------------------
 INDEX_FIELDS = ["run", "label", "ranks", "status", "final_accuracy", "best_accuracy", "final_test_loss",
-                "steps", "rounds", "bits_sent", "wall_time", "folder"]
+                "steps", "rounds", "bits_sent", "wall_time", "world_size", "last_step", "folder"]
+STATUSES = ("planned", "running", "done", "failed", "wrong-size", "invalid")
+EXIT_FILE = "exit.rc"        # the launcher's exit code, written by --local and the job array
+JOB_FILE = "slurm_job"       # "<array job id>_<task id>", written by the job array before srun
+
+
+def _squeue_ids(job_ids: set[str], timeout: float = 30.0) -> Optional[set[str]]:
+    """Ids (``123_4``) of the given jobs' array tasks still pending or running, or None when
+    squeue cannot tell (not installed, no answer)."""
+    import shutil
+    exe = shutil.which("squeue")
+    if exe is None or not job_ids:
+        return None
+    try:
+        p = subprocess.run([exe, "-h", "-r", "-o", "%i", "-j", ",".join(sorted(job_ids))],
+                           capture_output=True, text=True, timeout=timeout)
+    except (subprocess.TimeoutExpired, OSError):
+        return None
+    if p.returncode != 0 and "Invalid job id" not in p.stderr:
+        return None
+    return {x.strip() for x in p.stdout.split()}
+
+
+def classify(folder: str, ranks: int, queued: Optional[set[str]] = None) -> tuple[str, dict, str]:
+    """``(status, log state, note)`` of one run from its own files.
+
+    done: the log says completed and its world size is the run's; wrong-size: the log's world
+    size differs (whatever else); failed: the launcher exited non-zero, or exited 0 without a
+    completed log, or the SLURM task left the queue without an exit code (killed, time limit);
+    running: started (log, stdout.log or a SLURM task id) and not ended; planned: nothing yet.
+    ``queued``: SLURM task ids still in the queue (None: unknown, a started run counts as running)."""
+    h5 = os.path.join(folder, "run.h5")
+    state: dict = {}
+    note = ""
+    if os.path.exists(h5):
+        from .logger import run_state
+        try:
+            state = run_state(h5)
+        except OSError as e:
+            note = f"log unreadable: {e}"
+    rc = None
+    rcp = os.path.join(folder, EXIT_FILE)
+    if os.path.exists(rcp):
+        with open(rcp) as f:
+            txt = f.read().strip()
+        rc = int(txt) if re.fullmatch(r"-?\d+", txt) else -1
+    ws = state.get("world_size")
+    if ws is not None and ws != ranks:
+        return "wrong-size", state, f"world_size {ws}, planned {ranks}"
+    if state.get("completed"):
+        return "done", state, note
+    if rc is not None:
+        return "failed", state, (f"exit code {rc}" if rc else "exited 0 without a completed log")
+    job = os.path.join(folder, JOB_FILE)
+    if os.path.exists(job):
+        with open(job) as f:
+            task = f.read().strip()
+        if queued is not None and task not in queued:
+            return "failed", state, f"SLURM task {task} ended without an exit code (cancelled, time limit?)"
+        return "running", state, f"SLURM task {task}"
+    if state or note or os.path.exists(os.path.join(folder, "stdout.log")):
+        return "running", state, note
+    return "planned", state, note
+
+
+def refresh(runs: list[Run], query_slurm: bool = True) -> None:
+    """Set each valid run's status, log state and headline numbers from its folder."""
+    queued = None
+    if query_slurm:
+        jobs = set()
+        for r in runs:
+            p = os.path.join(r.folder, JOB_FILE)
+            if r.error is None and os.path.exists(p) and not os.path.exists(os.path.join(r.folder, EXIT_FILE)):
+                with open(p) as f:
+                    jobs.add(f.read().strip().split("_")[0])
+        queued = _squeue_ids(jobs)
+    for r in runs:
+        if r.error is not None:
+            r.status = "invalid"
+            continue
+        r.status, state, note = classify(r.folder, r.ranks, queued)
+        r.extra = summarize_run(os.path.join(r.folder, "run.h5")) if r.status in ("done", "wrong-size") else {}
+        r.extra.update(world_size=state.get("world_size", ""), last_step=state.get("last_step", ""))
+        r.note = note
 
 
 def summarize_run(h5: str) -> dict:
@@ -236,7 +320,8 @@ def write_index(out: str, runs: list[Run]) -> str:
             axv = [json.dumps(r.axes[k]) if isinstance(r.axes.get(k), (dict, list)) else r.axes.get(k, "")
                    for k in keys]
             w.writerow([r.name, r.label, r.ranks, r.status] + axv
-                       + [s.get(k, "") for k in INDEX_FIELDS[4:11]] + [os.path.relpath(r.folder, out), r.error or ""])
+                       + [s.get(k, "") for k in INDEX_FIELDS[4:13]] + [os.path.relpath(r.folder, out),
+                                                                        r.error or r.note or ""])
     os.replace(tmp, path)
     return path
 
@@ -253,12 +338,7 @@ def prepare(spec: dict, runs: list[Run], out: str) -> None:
             if not os.path.exists(h5):
                 with open(cfgp, "w") as f:
                     f.write(r.yaml)
-            s = summarize_run(h5)
-            if s:
-                r.extra = s
-                r.status = "done" if s.get("completed") else "incomplete"
-        else:
-            r.status = "invalid"
+    refresh(runs)
     plan = {"name": spec.get("name"), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "runs": [{"index": r.index, "name": r.name, "ranks": r.ranks, "axes": r.axes, "label": r.label,
                       "error": r.error} for r in runs]}
@@ -306,10 +386,11 @@ def run_local(runs: list[Run], out: str, timeout: Optional[float] = None, force:
             print(f"[{r.index + 1}/{len(runs)}] {r.name}: done already (use --force to re-run)", flush=True)
             continue
         h5 = os.path.join(r.folder, "run.h5")
-        if os.path.exists(h5):
-            os.remove(h5)
-            with open(os.path.join(r.folder, "config.yaml"), "w") as f:
-                f.write(r.yaml)
+        for leftover in (h5, os.path.join(r.folder, EXIT_FILE), os.path.join(r.folder, JOB_FILE)):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+        with open(os.path.join(r.folder, "config.yaml"), "w") as f:
+            f.write(r.yaml)
         cmd = run_command(r, mpiexec)
         print(f"[{r.index + 1}/{len(runs)}] {r.name}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
         t0 = time.perf_counter()
@@ -322,11 +403,12 @@ def run_local(runs: list[Run], out: str, timeout: Optional[float] = None, force:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
                 rc = 124
-        r.extra = summarize_run(h5)
-        r.status = "done" if rc == 0 else f"failed(rc={rc})"
-        failed += rc != 0
-        print(f"    {r.status} in {time.perf_counter() - t0:.1f}s"
-              + (f"; see {os.path.join(r.folder, 'stdout.log')}" if rc else ""), flush=True)
+        with open(os.path.join(r.folder, EXIT_FILE), "w") as f:
+            f.write(f"{rc}\n")
+        refresh([r], query_slurm=False)
+        failed += r.status != "done"
+        print(f"    {r.status} in {time.perf_counter() - t0:.1f}s" + (f" ({r.note})" if r.note else "")
+              + (f"; see {os.path.join(r.folder, 'stdout.log')}" if r.status != "done" else ""), flush=True)
         write_index(out, runs)
     return failed
 
@@ -449,6 +531,9 @@ def add_parser(sub) -> None:
     mode.add_argument("--dry-run", action="store_true", help="list and validate the runs (default)")
     mode.add_argument("--local", action="store_true", help="run them one after another with mpiexec")
     mode.add_argument("--slurm", action="store_true", help="write <out>/sweep.sbatch (a job array)")
+    mode.add_argument("--status", action="store_true",
+                      help="read each run's files (run.h5, exit code, SLURM task) and refresh index.csv: "
+                           "planned/running/done/failed/wrong-size")
     p.add_argument("--out", default=None, help="results folder (default: results/<sweep name>)")
     p.add_argument("--skip-invalid", action="store_true", help="run the valid runs even if some are invalid")
     p.add_argument("--force", action="store_true", help="--local: re-run runs that are done")
@@ -474,6 +559,8 @@ def main(args) -> int:
         print(f"qprsgd sweep: {e}", file=sys.stderr)
         return 2
     out = args.out or os.path.join("results", str(spec["name"]))
+    if args.status:
+        return status_main(runs, out)
     bad = [r for r in runs if r.error]
     width = max(len(r.name) for r in runs)
     print(f"sweep {spec['name']}: {len(runs)} runs ({len(bad)} invalid) -> {out}")
@@ -519,3 +606,70 @@ def main(args) -> int:
         print(f"wrote {path}; submitted job array {job}")
         return 0
     return 0
+
+
+def status_main(runs: list[Run], out: str) -> int:
+    """``--status``: 0 when every valid run is done, 1 when one failed or has the wrong world
+    size, 3 while others are planned or running."""
+    if not os.path.exists(os.path.join(out, "sweep.json")):
+        print(f"qprsgd sweep: {out} holds no sweep.json (nothing was prepared: --local or --slurm first)",
+              file=sys.stderr)
+        return 2
+    for r in runs:
+        r.folder = os.path.join(out, r.name)
+    refresh(runs)
+    write_index(out, runs)
+    width = max(len(r.name) for r in runs)
+    for r in runs:
+        print(f"  {r.name:<{width}}  n={r.ranks:<3d} {r.status:<10s} step {r.extra.get('last_step', '') or '-'}"
+              + (f"  ({r.error or r.note})" if (r.error or r.note) else ""))
+    counts = {k: sum(r.status == k for r in runs) for k in STATUSES}
+    print(", ".join(f"{v} {k}" for k, v in counts.items() if v) + f"; index: {os.path.join(out, 'index.csv')}")
+    if counts["failed"] or counts["wrong-size"]:
+        return 1
+    return 0 if counts["done"] == len(runs) - counts["invalid"] else 3
+
+
+def usable_runs(folder: str, names: list[str]) -> tuple[list[str], list[str]]:
+    """For ``qprsgd report``: the names of the runs in a results folder that are done and of the
+    planned world size, and one line per run left out (``name: status (why)``).
+
+    The planned size comes from the sweep plan (sweep.json), else from the run's config.yaml
+    ``run.ranks``; a run with neither is checked for completion only."""
+    plan = {}
+    pj = os.path.join(folder, "sweep.json")
+    if os.path.exists(pj):
+        with open(pj) as f:
+            plan = {r["name"]: r.get("ranks") for r in json.load(f)["runs"]}
+    keep, left = [], []
+    for name in names:
+        d = os.path.join(folder, name)
+        ranks = plan.get(name)
+        if ranks is None and os.path.exists(os.path.join(d, "config.yaml")):
+            with open(os.path.join(d, "config.yaml")) as f:
+                ranks = ((yaml.safe_load(f) or {}).get("run") or {}).get("ranks")
+        if ranks is None:
+            from .logger import run_state
+            try:
+                ranks = run_state(os.path.join(d, "run.h5")).get("world_size") or 0
+            except OSError:
+                ranks = 0
+        status, _, note = classify(d, int(ranks), queued=None)
+        if status == "done":
+            keep.append(name)
+        else:
+            left.append(f"{name}: {status}" + (f" ({note})" if note else ""))
+    return keep, left
+
+
+def done_only(folder: str, entries: list[tuple]) -> list[tuple]:
+    """``qprsgd report``'s filter: keep the ``(name, ...)`` entries whose run is done and of the
+    planned size (:func:`usable_runs`); print one line per run left out; refuse (ValueError)
+    when runs exist but none is usable."""
+    keep, left = usable_runs(folder, [e[0] for e in entries])
+    for line in left:
+        print(f"report: left out {line}", file=sys.stderr)
+    if entries and not keep:
+        raise ValueError(f"{folder}: no run is done with its planned world size ({len(left)} left out, "
+                         f"listed above; `qprsgd sweep SWEEP --status` refreshes index.csv)")
+    return [e for e in entries if e[0] in keep]

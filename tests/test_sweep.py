@@ -197,3 +197,66 @@ def test_local_runs_and_indexes(tmp_path):
     # a second --local skips finished runs
     r = cli("sweep", p, "--local", "--out", tmp_path / "res", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.count("done already") == 2
+
+
+def _log(folder, world_size, completed, steps=3):
+    """A real run log written through qprsgd.logger (the schema every run writes)."""
+    from qprsgd.logger import METRIC_COLUMNS, Logger
+    folder.mkdir(parents=True, exist_ok=True)
+    lg = Logger(str(folder / "run.h5"), attrs={"world_size": world_size}, world_size=world_size)
+    for t in range(1, steps + 1):
+        lg.record("metrics", {k: t if k == "step" else 0 for k in METRIC_COLUMNS})
+    lg.flush()
+    if completed:
+        lg.set_attrs(completed=True, final_step=steps)
+
+
+def test_status_from_the_runs_own_files(tmp_path):
+    spec = {"name": "st", "base": BASE, "ranks": 2, "grid": {"seed": [0, 1, 2, 3, 4, 5, 6]}}
+    p = write(tmp_path, spec)
+    out = tmp_path / "res"
+    r = cli("sweep", p, "--status", "--out", out, cwd=tmp_path)
+    assert r.returncode == 2 and "sweep.json" in r.stderr           # nothing prepared yet
+    r = cli("sweep", p, "--slurm", "--mpi", "pmi2", "--out", out, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    names = [x["name"] for x in json.loads((out / "sweep.json").read_text())["runs"]]
+    d = [out / n for n in names]
+    # 0: planned (nothing); 1: done; 2: a singleton that "finished" (world size 1 of 2);
+    # 3: launcher exited 1; 4: exited 0 without a completed log; 5: a SLURM task that left the
+    # queue without an exit code; 6: started by SLURM, still queued (running)
+    _log(d[1], 2, True)
+    (d[1] / "exit.rc").write_text("0\n")
+    _log(d[2], 1, True)
+    (d[2] / "exit.rc").write_text("0\n")
+    _log(d[3], 2, False)
+    (d[3] / "exit.rc").write_text("1\n")
+    (d[4] / "exit.rc").write_text("0\n")
+    (d[5] / "slurm_job").write_text("999998_5\n")
+    _log(d[6], 2, False, steps=2)
+    (d[6] / "slurm_job").write_text("999998_6\n")
+    runs = sw.expand(sw.load_spec(str(p)))
+    for run in runs:
+        run.folder = str(out / run.name)
+    want = ["planned", "done", "wrong-size", "failed", "failed", "failed", "running"]
+    assert [sw.classify(x.folder, 2, queued={"999998_6"})[0] for x in runs] == want
+    assert sw.classify(runs[5].folder, 2, queued=None)[0] == "running"     # squeue unknown: no guess
+    assert "world_size 1, planned 2" in sw.classify(runs[2].folder, 2)[2]
+    assert sw.classify(runs[6].folder, 2, queued={"999998_6"})[1]["last_step"] == 2
+    # the CLI refreshes index.csv (no squeue reachable for job 999998: 5 and 6 count as running)
+    r = cli("sweep", p, "--status", "--out", out, cwd=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr                      # a failed / wrong-size run
+    rows = {x["run"]: x for x in csv.DictReader(open(out / "index.csv"))}
+    got = [rows[n]["status"] for n in names]
+    assert got[:5] == want[:5] and got[6] == "running"
+    assert rows[names[2]]["world_size"] == "1" and "planned 2" in rows[names[2]]["error"]
+    assert rows[names[1]]["last_step"] == "3"
+    # report: only the done run of the right size is used; the others are named
+    import io
+    import contextlib
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        kept = sw.done_only(str(out), [(n,) for n in names[1:4]])
+    assert kept == [(names[1],)]
+    assert f"left out {names[2]}: wrong-size" in err.getvalue() and f"left out {names[3]}: failed" in err.getvalue()
+    with pytest.raises(ValueError, match="no run is done"), contextlib.redirect_stderr(io.StringIO()):
+        sw.done_only(str(out), [(names[2],)])
