@@ -98,12 +98,13 @@ BASE = {"seed": 0, "run": {"progress": False},
 
 
 @pytest.mark.parametrize("extra_env,sets,words", [
-    (dict(SRUN, SLURM_MPI_TYPE="none"), [], ["srun (--mpi=none) started 2", "MPI sees 1", "--mpi=pmi2"]),
-    ({}, ["--set", "run.ranks=2"], ["run.ranks: the config pins 2"]),
+    (dict(SRUN, SLURM_MPI_TYPE="none"), ["--set", "run.ranks=1"],
+     ["srun (--mpi=none) started 2", "MPI sees 1", "--mpi=pmi2"]),
 ])
 def test_singleton_refuses_and_writes_nothing(tmp_path, extra_env, sets, words):
-    """A real MPI process that is a 1-rank world while the launcher (or run.ranks) meant 2:
-    exit 2 with the message, and no run folder."""
+    """A real MPI process that is a 1-rank world while srun announced 2 tasks (run.ranks pinned
+    to 1 does not excuse it): exit 2 with the message, and no run folder.  (The same refusal
+    under a real srun and a real hydra + Open MPI: tests/test_cluster.py.)"""
     cfg = write_config(tmp_path / "c.yaml", BASE)
     env = {k: v for k, v in mpi_env().items()
            if not k.startswith(("PMI_", "PMIX_", "OMPI_", "SLURM_", "MPI_LOCAL", "HYDRA_"))}
@@ -115,3 +116,15 @@ def test_singleton_refuses_and_writes_nothing(tmp_path, extra_env, sets, words):
     for w in words:
         assert w in p.stderr, (w, p.stderr)
     assert not out.exists()
+
+
+def test_bundled_mpich_is_an_extra_that_make_installs():
+    """`pip install -e .` without [mpich] leaves no requirement on the MPICH wheel (so dropping it
+    for the site MPI leaves nothing broken); `make venv` installs it."""
+    import configparser
+    c = configparser.ConfigParser()
+    c.read(ROOT / "setup.cfg")
+    reqs = [x.strip() for x in c["options"]["install_requires"].splitlines() if x.strip()]
+    assert not [r for r in reqs if r.lower().startswith("mpich")] and any(r.startswith("mpi4py") for r in reqs)
+    assert c["options.extras_require"]["mpich"].strip().startswith("mpich")
+    assert "'.[test,mpich]'" in (ROOT / "Makefile").read_text()
