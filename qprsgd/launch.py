@@ -103,7 +103,7 @@ def srun_mpi_for(library: Optional[str]) -> Optional[str]:
 
 def _fix(launch: Launch, library: Optional[str]) -> str:
     fam = _family(library)
-    lib = (library or "the MPI library mpi4py loads").splitlines()[0].strip()
+    lib = " ".join((library or "the MPI library mpi4py loads").splitlines()[0].split())
     if launch.launcher == "srun":
         want = srun_mpi_for(library)
         if want:
@@ -197,28 +197,29 @@ def _strip_mpi_env(env: Mapping[str, str]) -> dict:
     return {k: v for k, v in env.items() if not k.startswith(drop)}
 
 
-def mpi_library(env: Optional[Mapping[str, str]] = None, cuda: bool = False, timeout: float = 60.0) -> dict:
+def mpi_library(env: Optional[Mapping[str, str]] = None, cuda: bool = False, timeout: float = 60.0,
+                python: Optional[str] = None) -> dict:
     """Facts about the MPI library mpi4py loads in an environment: ``library`` (the
     ``MPI_Get_library_version`` text), ``abi`` (``mpich``/``openmpi``: which mpi4py extension),
     ``file`` (the shared object), ``standard``, ``mpi4py``, ``cuda_aware`` (``None`` unless
     ``cuda`` and the library answers ``MPIX_Query_cuda_support`` / ``MPIX_GPU_query_support``),
-    or ``error``.
+    or ``error``.  ``python``: ask that interpreter (default this one).
 
     In a process that already imported ``mpi4py.MPI`` (a running job) the facts are read here;
     otherwise a child Python reads them (bounded by ``timeout``), so this process never
     initialises MPI."""
     mod = sys.modules.get("mpi4py.MPI")
-    if mod is not None and env is None and not cuda:
+    if mod is not None and env is None and python is None and not cuda:
         import mpi4py
         return {"library": mod.Get_library_version().strip(), "standard": "%d.%d" % mod.Get_version(),
                 "abi": os.path.basename(mod.__file__).split(".")[1], "mpi4py": mpi4py.__version__,
                 "file": None, "cuda_aware": None}
-    cmd = [sys.executable, "-c", _PROBE] + (["--cuda"] if cuda else [])
+    cmd = [python or sys.executable, "-c", _PROBE] + (["--cuda"] if cuda else [])
     try:
         p = subprocess.run(cmd, env=_strip_mpi_env(os.environ if env is None else env),
                            capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"error": f"the MPI library probe ({sys.executable}) did not answer in {timeout:.0f} s"}
+        return {"error": f"the MPI library probe ({cmd[0]}) did not answer in {timeout:.0f} s"}
     lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
     if p.returncode != 0 or not lines:
         tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
@@ -264,7 +265,7 @@ def doctor_report(env: Optional[Mapping[str, str]] = None) -> tuple[list[str], i
     if "error" in info:
         lines.append(f"MPI library: mpi4py cannot load one: {info['error']} (docs/cluster.md)")
         return lines, 1
-    lib = info["library"].splitlines()[0].strip()
+    lib = " ".join(info["library"].splitlines()[0].split())
     bundled = bool(info.get("file")) and os.path.realpath(info["file"]).startswith(
         os.path.realpath(sys.prefix) + os.sep)
     lines.append(f"MPI library: {lib} (MPI {info['standard']})")

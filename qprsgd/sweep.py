@@ -455,7 +455,7 @@ def srun_mpi(choice: str = "auto") -> tuple[str, str]:
     if "error" in info:
         raise SweepError(f"--mpi auto: cannot tell which MPI library mpi4py loads ({info['error']}); "
                          f"pass --mpi pmi2|pmix|none")
-    lib = info["library"].splitlines()[0].strip()
+    lib = " ".join(info["library"].splitlines()[0].split())
     plugin = srun_mpi_for(info["library"])
     if plugin is None:
         raise SweepError(f"--mpi auto: no known srun plugin for {lib!r}; pass --mpi "

@@ -214,3 +214,29 @@ def test_sweep_array_to_completion_and_status(slurm, tmp_path):
         log = read_log(tmp_path / "res" / r["name"] / "run.h5")
         assert log["attrs"]["world_size"] == r["ranks"] and log["attrs"]["completed"]
         assert (tmp_path / "res" / r["name"] / "slurm_job").read_text().startswith(f"{job}_")
+
+
+@pytest.mark.skipif(not (os.path.exists(OMPI_LIB) and os.path.exists(MPICH_LIB)),
+                    reason="Debian's Open MPI and MPICH absent")
+def test_which_library_mpi4py_loads(tmp_path):
+    """The library-loading facts docs/cluster.md states, each asked of mpi4py (no MPI initialised)."""
+    from qprsgd.launch import mpi_library
+    site = site_python(tmp_path)
+    abi = tmp_path / "mpich-abi"
+    abi.mkdir()
+    (abi / "libmpi.so.12").symlink_to(MPICH_LIB)
+
+    def lib(python=sys.executable, **env):
+        info = mpi_library(env=clean_env(**env), python=python)
+        return info.get("library") or info["error"]
+
+    assert lib().startswith("MPICH Version:") and "5." in lib().split("\n")[0]   # the bundled wheel
+    assert lib(site).startswith("Open MPI v4.1")             # without the wheel, nothing set: Debian's Open MPI
+    assert lib(site, MPI4PY_LIBMPI=OMPI_LIB).startswith("Open MPI v4.1")
+    assert lib(MPI4PY_LIBMPI=OMPI_LIB).startswith("Open MPI v4.1")            # also beside the wheel
+    assert lib(MPI4PY_MPIABI="openmpi").startswith("Open MPI v4.1")
+    assert "libmpi.so.12" in lib(site, MPI4PY_LIBMPI=MPICH_LIB)               # fails: the name mpi4py needs
+    assert "Version:\t4.0" in lib(site, MPI4PY_LIBMPI=str(abi / "libmpi.so.12"), LD_LIBRARY_PATH=str(abi))
+    assert "Version:\t4.0" in lib(MPI4PY_LIBMPI=str(abi / "libmpi.so.12"), LD_LIBRARY_PATH=str(abi))
+    assert "5.0" in lib(LD_LIBRARY_PATH=str(abi)).split("\n")[0]              # alone: still the bundled one
+    assert not os.path.exists("/usr/lib/libmpi.so")          # $(dirname $(which mpicc))/../lib/libmpi.so
