@@ -190,10 +190,25 @@ print(json.dumps(info))
 """
 
 
+def _loaded_libmpi() -> Optional[str]:
+    """The libmpi / libmpich shared object mapped into this process (Linux), or None."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                p = line.split()[-1]
+                if os.path.basename(p).startswith(("libmpi.so", "libmpich.so")):
+                    return p
+    except OSError:
+        return None
+    return None
+
+
 def _strip_mpi_env(env: Mapping[str, str]) -> dict:
-    """The environment for a probe child: no launcher variables, so that the child, which is no
-    MPI job, does not try to join the caller's job when it initialises for the CUDA query."""
-    drop = ("PMI_", "PMIX_", "OMPI_COMM_WORLD", "OMPI_MCA_ess", "OMPI_MCA_orte", "MPI_LOCAL", "HYDRA_")
+    """The environment for a probe child: no launcher variables (SLURM's included: Open MPI
+    treats a process with a SLURM step id as direct-launched), so that the child, which is no MPI
+    job, does not try to join the caller's job when it initialises for the CUDA query."""
+    drop = ("PMI_", "PMIX_", "OMPI_COMM_WORLD", "OMPI_MCA_ess", "OMPI_MCA_orte", "MPI_LOCAL", "HYDRA_",
+            "SLURM_")
     return {k: v for k, v in env.items() if not k.startswith(drop)}
 
 
@@ -213,7 +228,7 @@ def mpi_library(env: Optional[Mapping[str, str]] = None, cuda: bool = False, tim
         import mpi4py
         return {"library": mod.Get_library_version().strip(), "standard": "%d.%d" % mod.Get_version(),
                 "abi": os.path.basename(mod.__file__).split(".")[1], "mpi4py": mpi4py.__version__,
-                "file": None, "cuda_aware": None}
+                "file": _loaded_libmpi(), "cuda_aware": None}
     cmd = [python or sys.executable, "-c", _PROBE] + (["--cuda"] if cuda else [])
     try:
         p = subprocess.run(cmd, env=_strip_mpi_env(os.environ if env is None else env),
