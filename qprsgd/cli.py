@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+from typing import Optional
 
 EXIT_CONFIG = 2
 
@@ -57,6 +58,8 @@ _EXTRA: dict[str, str] = {
     "sweep": "sweep",
     "report": "report",
     "export": "results",
+    "submit": "submit",
+    "doctor": "launch",
 }
 
 
@@ -128,9 +131,10 @@ def _check_resume(out: str, saved: str, cfg, world_size: int) -> None:
 _LOCK = None  # rank 0's lock on the output folder (qprsgd.ownership), released when the run ends
 
 
-def _prepare(args, world_size: int) -> dict:
+def _prepare(args, world_size: int, env: Optional[dict] = None) -> dict:
     """Rank 0: validate everything that can be validated before work starts, then take the
-    output folder (lock; --force/--resume rules; checkpoint verification)."""
+    output folder (lock; --force/--resume rules; checkpoint verification).  ``env``: the
+    environment as the MPI launcher set it (MPI runs: the launch check); None in-process."""
     global _LOCK
     from . import checkpoint as ckpt
     from . import config
@@ -139,6 +143,14 @@ def _prepare(args, world_size: int) -> dict:
     if args.resume and getattr(args, "force", False):
         raise ValueError("--resume and --force contradict each other (continue the run, or replace it)")
     cfg = config.load(args.config, args.set)
+    if env is not None:
+        from .launch import check, mpi_library
+        bad_launch = check(env, world_size, cfg.run.ranks, mpi_library().get("library"))
+        if bad_launch:
+            raise ValueError(bad_launch)
+    elif cfg.run.ranks is not None and cfg.run.ranks != world_size:
+        raise ValueError(f"run.ranks: {cfg.run.ranks} pins the world size, but this in-process run has "
+                         f"{world_size} workers (--workers / run.workers)")
     if cfg.run.workers is not None and world_size > 1:
         raise ValueError(f"run.workers: {cfg.run.workers} runs every worker in one process, but this job "
                          f"has {world_size} MPI ranks; remove run.workers (one rank per worker) or start "
@@ -186,7 +198,7 @@ def _bounded(text: str) -> str:
     return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 40] + f"... [{len(text)} characters in all]"
 
 
-def _verdict(args, world_size: int) -> dict:
+def _verdict(args, world_size: int, env: Optional[dict] = None) -> dict:
     """Rank 0: ``_prepare`` with every failure turned into a verdict (never a raise), so the
     other ranks, waiting in the broadcast, always learn the outcome.
 
@@ -194,7 +206,7 @@ def _verdict(args, world_size: int) -> dict:
     checkpoint); 1 -- anything else (an unreadable output folder, an internal error)."""
     import traceback
     try:
-        return _prepare(args, world_size)
+        return _prepare(args, world_size, env)
     except ValueError as e:  # ConfigError, DatasetError, UnknownNameError, refused folder states
         return {"ok": False, "code": EXIT_CONFIG, "error": _bounded(str(e))}
     except RecursionError:
@@ -232,16 +244,17 @@ def cmd_run(args) -> int:
 
 def cmd_run_mpi(args) -> int:
     """One MPI rank per worker (mpiexec / srun); Ctrl-C ends it with one line (``_interrupted``)."""
+    env = dict(os.environ)   # as the launcher set it, before MPI initialises (Open MPI adds variables)
     from .comm import world
     w = world()
     try:
-        return _cmd_run_mpi(args, w)
+        return _cmd_run_mpi(args, w, env)
     except KeyboardInterrupt as e:
         return _interrupted(w.Get_rank(), w.Get_size(), getattr(e, "out", None), getattr(e, "step", None),
                             getattr(e, "total", None))
 
 
-def _cmd_run_mpi(args, w) -> int:
+def _cmd_run_mpi(args, w, env: dict) -> int:
     import yaml
     from . import config
     from .comm import Comm, install_abort_on_error
@@ -249,7 +262,7 @@ def _cmd_run_mpi(args, w) -> int:
     # leaving the other ranks in a collective forever
     install_abort_on_error(w)
     comm = Comm(w)
-    verdict = _verdict(args, comm.size) if comm.rank == 0 else None
+    verdict = _verdict(args, comm.size, env) if comm.rank == 0 else None
     verdict = json.loads(comm.bcast_bytes(json.dumps(verdict).encode() if comm.rank == 0 else None))
     if not verdict["ok"]:
         if comm.rank == 0:

@@ -180,6 +180,10 @@ class RunConfig(_Strict):
     timeout: float = Field(
         600.0, gt=0, le=86400, allow_inf_nan=False,
         description="seconds any wait for other workers may last before the run aborts naming them")
+    ranks: Optional[int] = Field(
+        None, ge=1, description="expected MPI processes (dedicated server included); the run refuses any "
+                                "other world size. Default: whatever the launcher started (still checked "
+                                "against the launcher's own count)")
 
 
 class DataConfig(_Strict):

@@ -299,6 +299,24 @@ def read_attrs(path: str) -> dict:
         return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
 
 
+def run_state(path: str) -> dict:
+    """What a run's log says about its state, reading only attributes and last rows (cheap on big
+    logs, and without HDF5 file locking so a log that rank 0 is appending to can be inspected):
+    ``completed`` (the run reached its end), ``world_size``, ``last_step`` (last metrics row, 0 if
+    none), ``final_step``, ``diverged`` and its ``divergence`` message.  Safe while the run writes
+    (:func:`open_log`).  Raises OSError when the file cannot be read."""
+    with open_log(path) as f:
+        a = f.attrs
+        step = f["metrics/step"] if "metrics/step" in f else None
+        last = int(step[-1]) if step is not None and step.shape[0] else 0
+        div = a.get("divergence", "")
+        return {"completed": bool(a.get("completed", False)),
+                "world_size": int(a["world_size"]) if "world_size" in a else None,
+                "last_step": last, "final_step": int(a["final_step"]) if "final_step" in a else None,
+                "diverged": bool(a.get("diverged", False)),
+                "divergence": div.decode() if isinstance(div, bytes) else str(div)}
+
+
 def read(path: str) -> dict:
     """Read a run log into plain numpy arrays: ``{'attrs': {...}, 'metrics': Columns, 'eval':
     Columns, ...}`` (one :class:`Columns` per group; datasets at the file's root under 'root').

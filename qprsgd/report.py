@@ -67,6 +67,9 @@ def load_runs(folder: str) -> list[dict]:
         entries = find_runs(folder)
     except ResultsError as e:
         raise ValueError(str(e)) from None
+    if os.path.isdir(folder) and not os.path.exists(os.path.join(folder, "run.h5")):
+        from .sweep import done_only
+        entries = done_only(folder, entries)   # only runs that are done with their planned world size
     runs = []
     for name, sweep_label, h5 in entries:
         log = read(h5)

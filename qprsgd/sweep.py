@@ -64,6 +64,7 @@ class Run:
     folder: str = ""
     status: str = "planned"
     extra: dict = field(default_factory=dict)
+    note: str = ""        # why a run is failed / wrong-size / running
 
 
 def set_dotted(d: dict, key: str, value: Any) -> None:
@@ -184,9 +185,13 @@ def expand(spec: dict, validate: bool = True) -> list[Run]:
         label = "-".join(_label_part(k, v) for k, v in assign.items() if k.split(".")[-1] != "seed") or "base"
         full = "-".join(_label_part(k, v) for k, v in assign.items()) or "base"
         run = Run(i, f"{i:03d}-{full}"[:120], ranks, assign, raw, label)
+        pinned = (raw.get("run") or {}).get("ranks") if isinstance(raw.get("run"), dict) else None
         if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
             run.error = f"ranks: must be a positive integer (got {ranks!r})"
+        elif pinned is not None and pinned != ranks:
+            run.error = f"run.ranks: {pinned!r} differs from the sweep's ranks {ranks} (leave run.ranks out)"
         elif validate:
+            set_dotted(raw, "run.ranks", ranks)   # the run refuses any other world size (qprsgd.launch)
             try:
                 cfg = qconfig.validate(raw)
                 from .preflight import check_run
@@ -202,7 +207,93 @@ def expand(spec: dict, validate: bool = True) -> list[Run]:
 
 # -- files ---------------------------------------------------------------------------------------
 INDEX_FIELDS = ["run", "label", "ranks", "status", "final_accuracy", "best_accuracy", "final_test_loss",
-                "steps", "rounds", "bits_sent", "wall_time", "folder"]
+                "steps", "rounds", "bits_sent", "wall_time", "world_size", "last_step", "folder"]
+STATUSES = ("planned", "running", "done", "failed", "wrong-size", "invalid")
+EXIT_FILE = "exit.rc"        # the launcher's exit code, written by --local and the job array
+JOB_FILE = "slurm_job"       # "<array job id>_<task id>", written by the job array before srun
+
+
+def _squeue_ids(job_ids: set[str], timeout: float = 30.0) -> Optional[set[str]]:
+    """Ids (``123_4``) of the given jobs' array tasks still pending or running, or None when
+    squeue cannot tell (not installed, no answer)."""
+    import shutil
+    exe = shutil.which("squeue")
+    if exe is None or not job_ids:
+        return None
+    try:
+        p = subprocess.run([exe, "-h", "-r", "-o", "%i", "-j", ",".join(sorted(job_ids))],
+                           capture_output=True, text=True, timeout=timeout)
+    except (subprocess.TimeoutExpired, OSError):
+        return None
+    if p.returncode != 0 and "Invalid job id" not in p.stderr:
+        return None
+    return {x.strip() for x in p.stdout.split()}
+
+
+def classify(folder: str, ranks: int, queued: Optional[set[str]] = None) -> tuple[str, dict, str]:
+    """``(status, log state, note)`` of one run from its own files.
+
+    done: the log says completed and its world size is the run's; diverged: the run stopped on a
+    non-finite or exploding loss (exit 3); wrong-size: the log's world
+    size differs (whatever else); failed: the launcher exited non-zero, or exited 0 without a
+    completed log, or the SLURM task left the queue without an exit code (killed, time limit);
+    running: started (log, stdout.log or a SLURM task id) and not ended; planned: nothing yet.
+    ``queued``: SLURM task ids still in the queue (None: unknown, a started run counts as running)."""
+    h5 = os.path.join(folder, "run.h5")
+    state: dict = {}
+    note = ""
+    if os.path.exists(h5):
+        from .logger import run_state
+        try:
+            state = run_state(h5)
+        except OSError as e:
+            note = f"log unreadable: {e}"
+    rc = None
+    rcp = os.path.join(folder, EXIT_FILE)
+    if os.path.exists(rcp):
+        with open(rcp) as f:
+            txt = f.read().strip()
+        rc = int(txt) if re.fullmatch(r"-?\d+", txt) else -1
+    ws = state.get("world_size")
+    if ws is not None and ws != ranks:
+        return "wrong-size", state, f"world_size {ws}, planned {ranks}"
+    if state.get("completed"):
+        return "done", state, note
+    if state.get("diverged") or rc == 3:   # exit 3: a research result, not a crash (divergence.py)
+        return "diverged", state, str(state.get("divergence", "the run diverged"))
+    if rc is not None:
+        return "failed", state, (f"exit code {rc}" if rc else "exited 0 without a completed log")
+    job = os.path.join(folder, JOB_FILE)
+    if os.path.exists(job):
+        with open(job) as f:
+            task = f.read().strip()
+        if queued is not None and task not in queued:
+            return "failed", state, f"SLURM task {task} ended without an exit code (cancelled, time limit?)"
+        return "running", state, f"SLURM task {task}"
+    if state or note or os.path.exists(os.path.join(folder, "stdout.log")):
+        return "running", state, note
+    return "planned", state, note
+
+
+def refresh(runs: list[Run], query_slurm: bool = True) -> None:
+    """Set each valid run's status, log state and headline numbers from its folder."""
+    queued = None
+    if query_slurm:
+        jobs = set()
+        for r in runs:
+            p = os.path.join(r.folder, JOB_FILE)
+            if r.error is None and os.path.exists(p) and not os.path.exists(os.path.join(r.folder, EXIT_FILE)):
+                with open(p) as f:
+                    jobs.add(f.read().strip().split("_")[0])
+        queued = _squeue_ids(jobs)
+    for r in runs:
+        if r.error is not None:
+            r.status = "invalid"
+            continue
+        r.status, state, note = classify(r.folder, r.ranks, queued)
+        r.extra = summarize_run(os.path.join(r.folder, "run.h5")) if r.status in ("done", "wrong-size") else {}
+        r.extra.update(world_size=state.get("world_size", ""), last_step=state.get("last_step", ""))
+        r.note = note
 
 
 def summarize_run(h5: str) -> dict:
@@ -256,7 +347,8 @@ def write_index(out: str, runs: list[Run]) -> str:
             s = r.extra
             axv = ["" if c.get(k) is None else c[k] for k in keys]
             w.writerow([r.name, r.label, r.ranks, r.status] + axv
-                       + [s.get(k, "") for k in INDEX_FIELDS[4:11]] + [os.path.relpath(r.folder, out), r.error or ""])
+                       + [s.get(k, "") for k in INDEX_FIELDS[4:13]] + [os.path.relpath(r.folder, out),
+                                                                        r.error or r.note or ""])
     os.replace(tmp, path)
     return path
 
@@ -273,12 +365,7 @@ def prepare(spec: dict, runs: list[Run], out: str) -> None:
             if not os.path.exists(h5):
                 with open(cfgp, "w") as f:
                     f.write(r.yaml)
-            s = summarize_run(h5)
-            if s:
-                r.extra = s
-                r.status = "done" if s.get("completed") else "diverged" if s.get("diverged") else "incomplete"
-        else:
-            r.status = "invalid"
+    refresh(runs)
     plan = {"name": spec.get("name"), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "runs": [{"index": r.index, "name": r.name, "ranks": r.ranks, "axes": r.axes, "label": r.label,
                       "error": r.error} for r in runs]}
@@ -328,9 +415,11 @@ def run_local(runs: list[Run], out: str, timeout: Optional[float] = None, force:
         h5 = os.path.join(r.folder, "run.h5")
         from .checkpoint import holds_run
         again = holds_run(r.folder)  # a re-run replaces the folder's old run (qprsgd run --force)
-        if again:
-            with open(os.path.join(r.folder, "config.yaml"), "w") as f:
-                f.write(r.yaml)
+        for leftover in (os.path.join(r.folder, EXIT_FILE), os.path.join(r.folder, JOB_FILE)):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+        with open(os.path.join(r.folder, "config.yaml"), "w") as f:
+            f.write(r.yaml)
         cmd = run_command(r, mpiexec) + (["--force"] if again else [])
         print(f"[{r.index + 1}/{len(runs)}] {r.name}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
         t0 = time.perf_counter()
@@ -343,20 +432,26 @@ def run_local(runs: list[Run], out: str, timeout: Optional[float] = None, force:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
                 rc = 124
-        r.extra = summarize_run(h5)
-        # a diverged run (exit 3) is a result, not a failure: index.csv says "diverged"
-        r.status = "done" if rc == 0 else "diverged" if rc == 3 else f"failed(rc={rc})"
-        failed += rc not in (0, 3)
-        print(f"    {r.status} in {time.perf_counter() - t0:.1f}s"
-              + (f"; see {os.path.join(r.folder, 'stdout.log')}" if rc else ""), flush=True)
+        with open(os.path.join(r.folder, EXIT_FILE), "w") as f:
+            f.write(f"{rc}\n")
+        refresh([r], query_slurm=False)
+        failed += r.status not in ("done", "diverged")   # a diverged run is a result, not a failure
+        print(f"    {r.status} in {time.perf_counter() - t0:.1f}s" + (f" ({r.note})" if r.note else "")
+              + (f"; see {os.path.join(r.folder, 'stdout.log')}" if r.status not in ("done", "diverged") else ""), flush=True)
         write_index(out, runs)
     return failed
 
 
 # -- SLURM ---------------------------------------------------------------------------------------
+FORWARDED_ENV = ("MPI4PY_LIBMPI", "MPI4PY_MPIABI", "LD_LIBRARY_PATH")
+"""Written into job scripts as ``export`` lines when set at submit time: they choose the MPI
+library, and the srun ``--mpi`` plugin was chosen for that library."""
+SRUN_MPI_CHOICES = ("auto", "pmi2", "pmix", "none")
+
+
 def fill_template(text: str, values: dict) -> str:
     """Replace ``@KEY@``; a line whose placeholder has an empty value is dropped.  Unknown
-    placeholders are an error."""
+    placeholders are an error.  A value may span several lines."""
     out = []
     for line in text.splitlines():
         keys = re.findall(r"@([A-Z_]+)@", line)
@@ -371,39 +466,90 @@ def fill_template(text: str, values: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def env_exports(env=None) -> str:
+    """``export`` lines for the MPI-choosing variables set in ``env`` (default: this process)."""
+    env = os.environ if env is None else env
+    return "\n".join(f"export {k}={shlex.quote(env[k])}" for k in FORWARDED_ENV if env.get(k))
+
+
+def srun_mpi(choice: str = "auto") -> tuple[str, str]:
+    """``(plugin, why)``: the ``srun --mpi`` value for the MPI library mpi4py loads in this
+    environment (qprsgd.launch; no MPI initialised here), or ``choice`` when given."""
+    if choice not in SRUN_MPI_CHOICES:
+        raise SweepError(f"--mpi: one of {', '.join(SRUN_MPI_CHOICES)} (got {choice!r})")
+    if choice != "auto":
+        return choice, "given with --mpi"
+    from .launch import mpi_library, srun_mpi_for
+    info = mpi_library()
+    if "error" in info:
+        raise SweepError(f"--mpi auto: cannot tell which MPI library mpi4py loads ({info['error']}); "
+                         f"pass --mpi pmi2|pmix|none")
+    lib = " ".join(info["library"].splitlines()[0].split())
+    plugin = srun_mpi_for(info["library"])
+    if plugin is None:
+        raise SweepError(f"--mpi auto: no known srun plugin for {lib!r}; pass --mpi "
+                         f"(srun --mpi=list shows what the cluster offers)")
+    return plugin, f"mpi4py loads {lib} ({info.get('file')})"
+
+
+def slurm_values(*, name: str, nodes: int, tasks_per_node: int, cpus_per_task: int, gpus_per_node: int,
+                 time_limit: str, partition: str, account: str, log_dir: str, mpi: str,
+                 python: Optional[str] = None) -> dict:
+    """The placeholders both job templates share."""
+    for key, v, lo in (("--nodes", nodes, 1), ("--ntasks-per-node", tasks_per_node, 1),
+                       ("--cpus-per-task", cpus_per_task, 1), ("--gpus-per-node", gpus_per_node, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise SweepError(f"{key}: an integer >= {lo} (got {v!r})")
+    return {"JOB_NAME": name, "NODES": nodes, "TASKS_PER_NODE": tasks_per_node,
+            "CPUS_PER_TASK": cpus_per_task, "GPUS_PER_NODE": gpus_per_node or "", "TIME": time_limit,
+            "PARTITION": partition, "ACCOUNT": account, "LOG_DIR": os.path.abspath(log_dir),
+            "PYTHON": shlex.quote(python or sys.executable), "WORKDIR": shlex.quote(os.getcwd()),
+            "SRUN_MPI": mpi, "ENV_EXPORTS": env_exports()}
+
+
 def slurm_script(runs: list[Run], out: str, *, name: str, nodes: int = 1, gpus_per_node: int = 0,
                  time_limit: str = "01:00:00", partition: str = "", account: str = "",
-                 cpus_per_task: int = 1, template: Optional[str] = None, python: Optional[str] = None) -> str:
+                 cpus_per_task: int = 1, template: Optional[str] = None, python: Optional[str] = None,
+                 mpi: str = "pmi2") -> str:
     """A job-array script (one array task per valid run) from jobs/slurm_array.sbatch."""
     valid = [r for r in runs if r.error is None]
     if not valid:
         raise SweepError("no valid runs to put in a job array")
     ntasks = max(r.ranks for r in valid)
-    if ntasks % nodes and nodes > 1:
-        tasks_per_node = -(-ntasks // nodes)
-    else:
-        tasks_per_node = max(ntasks // nodes, 1)
+    tasks_per_node = -(-ntasks // nodes)
+    if nodes > ntasks:
+        raise SweepError(f"--nodes {nodes}: more nodes than the largest run has ranks ({ntasks})")
     cases = []
     for k, r in enumerate(valid):
         cases.append(f"  {k}) RUN={shlex.quote(os.path.abspath(r.folder))}; RANKS={r.ranks} ;;")
     tpl = template or os.path.join(JOBS_DIR, "slurm_array.sbatch")
     with open(tpl) as f:
         text = f.read()
-    values = {
-        "JOB_NAME": name, "NODES": nodes, "NTASKS": ntasks, "TASKS_PER_NODE": tasks_per_node,
-        "CPUS_PER_TASK": cpus_per_task, "GPUS_PER_NODE": gpus_per_node or "", "TIME": time_limit,
-        "PARTITION": partition, "ACCOUNT": account, "ARRAY": f"0-{len(valid) - 1}",
-        "LOG_DIR": os.path.abspath(out), "PYTHON": python or sys.executable,
-        "WORKDIR": os.getcwd(), "NRUNS": len(valid), "RUN_CASES": "\n".join(cases),
-    }
-    # RUN_CASES is multi-line: substitute it after the line-wise fill
-    values_line = dict(values, RUN_CASES="__RUN_CASES__")
-    script = fill_template(text, values_line).replace("__RUN_CASES__", values["RUN_CASES"])
+    values = slurm_values(name=name, nodes=nodes, tasks_per_node=tasks_per_node, cpus_per_task=cpus_per_task,
+                          gpus_per_node=gpus_per_node, time_limit=time_limit, partition=partition,
+                          account=account, log_dir=out, mpi=mpi, python=python)
+    values.update(NTASKS=ntasks, ARRAY=f"0-{len(valid) - 1}", NRUNS=len(valid), RUN_CASES="\n".join(cases))
+    script = fill_template(text, values)
     path = os.path.join(out, "sweep.sbatch")
     with open(path, "w") as f:
         f.write(script)
     os.chmod(path, 0o755)
     return path
+
+
+def sbatch(path: str, timeout: float = 60.0) -> str:
+    """Submit a job script; returns the job id (SweepError with sbatch's message on failure)."""
+    import shutil
+    exe = shutil.which("sbatch")
+    if exe is None:
+        raise SweepError("--submit: sbatch not found on PATH (write the script without --submit and copy it)")
+    try:
+        p = subprocess.run([exe, "--parsable", path], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise SweepError(f"sbatch {path}: no answer in {timeout:.0f} s") from None
+    if p.returncode != 0:
+        raise SweepError(f"sbatch {path} exited {p.returncode}: {p.stderr.strip()}")
+    return p.stdout.strip().split(";")[0]
 
 
 # -- CLI -----------------------------------------------------------------------------------------
@@ -414,6 +560,9 @@ def add_parser(sub) -> None:
     mode.add_argument("--dry-run", action="store_true", help="list and validate the runs (default)")
     mode.add_argument("--local", action="store_true", help="run them one after another with mpiexec")
     mode.add_argument("--slurm", action="store_true", help="write <out>/sweep.sbatch (a job array)")
+    mode.add_argument("--status", action="store_true",
+                      help="read each run's files (run.h5, exit code, SLURM task) and refresh index.csv: "
+                           "planned/running/done/failed/wrong-size")
     p.add_argument("--out", default=None, help="results folder (default: results/<sweep name>)")
     p.add_argument("--skip-invalid", action="store_true", help="run the valid runs even if some are invalid")
     p.add_argument("--force", action="store_true", help="--local: re-run runs that are done")
@@ -425,6 +574,10 @@ def add_parser(sub) -> None:
     p.add_argument("--partition", default="")
     p.add_argument("--account", default="")
     p.add_argument("--template", default=None, help="job-array template (default jobs/slurm_array.sbatch)")
+    p.add_argument("--mpi", default="auto", choices=SRUN_MPI_CHOICES,
+                   help="--slurm: srun --mpi plugin (default auto: pmi2 for the MPICH family, pmix for "
+                        "Open MPI, from the library mpi4py loads here)")
+    p.add_argument("--submit", action="store_true", help="--slurm: also submit the array with sbatch")
 
 
 def main(args) -> int:
@@ -435,6 +588,8 @@ def main(args) -> int:
         print(f"qprsgd sweep: {e}", file=sys.stderr)
         return 2
     out = args.out or os.path.join("results", str(spec["name"]))
+    if args.status:
+        return status_main(runs, out)
     bad = [r for r in runs if r.error]
     width = max(len(r.name) for r in runs)
     print(f"sweep {spec['name']}: {len(runs)} runs ({len(bad)} invalid) -> {out}")
@@ -448,6 +603,12 @@ def main(args) -> int:
     if not (args.local or args.slurm):
         print("dry run: nothing written, nothing ran (--local runs them, --slurm writes a job array)")
         return 2 if bad else 0
+    if args.slurm:
+        try:
+            mpi, why = srun_mpi(args.mpi)
+        except SweepError as e:
+            print(f"qprsgd sweep: {e}", file=sys.stderr)
+            return 2
     try:
         prepare(spec, runs, out)
     except OSError as e:
@@ -462,10 +623,82 @@ def main(args) -> int:
             path = slurm_script(runs, out, name=str(spec["name"]), nodes=args.nodes,
                                 gpus_per_node=args.gpus_per_node, time_limit=args.time,
                                 partition=args.partition, account=args.account,
-                                cpus_per_task=args.cpus_per_task, template=args.template)
+                                cpus_per_task=args.cpus_per_task, template=args.template, mpi=mpi)
+            print(f"srun --mpi={mpi}: {why}")
+            if not args.submit:
+                print(f"wrote {path}: submit with  sbatch {path}")
+                return 0
+            job = sbatch(path)
         except SweepError as e:
             print(f"qprsgd sweep: {e}", file=sys.stderr)
             return 2
-        print(f"wrote {path}: submit with  sbatch {path}")
+        print(f"wrote {path}; submitted job array {job}")
         return 0
     return 0
+
+
+def status_main(runs: list[Run], out: str) -> int:
+    """``--status``: 0 when every valid run is done, 1 when one failed or has the wrong world
+    size, 3 while others are planned or running."""
+    if not os.path.exists(os.path.join(out, "sweep.json")):
+        print(f"qprsgd sweep: {out} holds no sweep.json (nothing was prepared: --local or --slurm first)",
+              file=sys.stderr)
+        return 2
+    for r in runs:
+        r.folder = os.path.join(out, r.name)
+    refresh(runs)
+    write_index(out, runs)
+    width = max(len(r.name) for r in runs)
+    for r in runs:
+        print(f"  {r.name:<{width}}  n={r.ranks:<3d} {r.status:<10s} step {r.extra.get('last_step', '') or '-'}"
+              + (f"  ({r.error or r.note})" if (r.error or r.note) else ""))
+    counts = {k: sum(r.status == k for r in runs) for k in STATUSES}
+    print(", ".join(f"{v} {k}" for k, v in counts.items() if v) + f"; index: {os.path.join(out, 'index.csv')}")
+    if counts["failed"] or counts["wrong-size"]:
+        return 1
+    return 0 if counts["done"] == len(runs) - counts["invalid"] else 3
+
+
+def usable_runs(folder: str, names: list[str]) -> tuple[list[str], list[str]]:
+    """For ``qprsgd report``: the names of the runs in a results folder that are done and of the
+    planned world size, and one line per run left out (``name: status (why)``).
+
+    The planned size comes from the sweep plan (sweep.json), else from the run's config.yaml
+    ``run.ranks``; a run with neither is checked for completion only."""
+    plan = {}
+    pj = os.path.join(folder, "sweep.json")
+    if os.path.exists(pj):
+        with open(pj) as f:
+            plan = {r["name"]: r.get("ranks") for r in json.load(f)["runs"]}
+    keep, left = [], []
+    for name in names:
+        d = os.path.join(folder, name)
+        ranks = plan.get(name)
+        if ranks is None and os.path.exists(os.path.join(d, "config.yaml")):
+            with open(os.path.join(d, "config.yaml")) as f:
+                ranks = ((yaml.safe_load(f) or {}).get("run") or {}).get("ranks")
+        if ranks is None:
+            from .logger import run_state
+            try:
+                ranks = run_state(os.path.join(d, "run.h5")).get("world_size") or 0
+            except OSError:
+                ranks = 0
+        status, _, note = classify(d, int(ranks), queued=None)
+        if status == "done":
+            keep.append(name)
+        else:
+            left.append(f"{name}: {status}" + (f" ({note})" if note else ""))
+    return keep, left
+
+
+def done_only(folder: str, entries: list[tuple]) -> list[tuple]:
+    """``qprsgd report``'s filter: keep the ``(name, ...)`` entries whose run is done and of the
+    planned size (:func:`usable_runs`); print one line per run left out; refuse (ValueError)
+    when runs exist but none is usable."""
+    keep, left = usable_runs(folder, [e[0] for e in entries])
+    for line in left:
+        print(f"report: left out {line}", file=sys.stderr)
+    if entries and not keep:
+        raise ValueError(f"{folder}: no run is done with its planned world size ({len(left)} left out, "
+                         f"listed above; `qprsgd sweep SWEEP --status` refreshes index.csv)")
+    return [e for e in entries if e[0] in keep]

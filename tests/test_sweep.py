@@ -111,6 +111,8 @@ def test_slurm_script_names_every_run_and_parses(tmp_path):
     for k, run in enumerate(plan["runs"]):
         assert f"  {k}) RUN=" in script and run["name"] in script
         assert (tmp_path / "res" / run["name"] / "config.yaml").exists()
+    assert "srun --mpi=pmi2 " in script               # detected: mpi4py loads an MPICH here (bundled wheel)
+    assert f"PYTHON=${{QPRSGD_PYTHON:-{sys.executable}}}" in script and "#SBATCH --export=ALL" in script
     assert "#SBATCH --array=0-3" in script and "#SBATCH --nodes=2" in script
     assert "#SBATCH --gpus-per-node=1" in script and "#SBATCH --time=00:30:00" in script
     assert "#SBATCH --partition" not in script                              # empty placeholder: line dropped
@@ -122,6 +124,53 @@ def test_slurm_script_names_every_run_and_parses(tmp_path):
     assert [(x["algorithm.name"], x["algorithm.K"], x["seed"]) for x in rows] == \
         [("psgd", "", "0"), ("psgd", "", "1"), ("pr_sgd", "4", "0"), ("pr_sgd", "4", "1")]
     assert "{" not in (tmp_path / "res" / "index.csv").read_text()
+
+
+def test_slurm_cpu_job_has_no_gres_and_forwards_the_mpi_choice(tmp_path, monkeypatch):
+    spec = {"name": "cpu", "base": BASE, "ranks": 2, "grid": {"seed": [0]}}
+    p = write(tmp_path, spec)
+    monkeypatch.setenv("MPI4PY_MPIABI", "mpich")
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/my mpi/lib")
+    r = cli("sweep", p, "--slurm", "--mpi", "pmix", "--out", tmp_path / "res", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    script = (tmp_path / "res" / "sweep.sbatch").read_text()
+    assert "#SBATCH --gpus" not in script and "#SBATCH --gres" not in script
+    assert "srun --mpi=pmix " in script and "given with --mpi" in r.stdout
+    assert "export MPI4PY_MPIABI=mpich" in script and "export LD_LIBRARY_PATH='/opt/my mpi/lib'" in script
+    # every run of the sweep pins its world size
+    run = json.loads((tmp_path / "res" / "sweep.json").read_text())["runs"][0]["name"]
+    assert yaml.safe_load((tmp_path / "res" / run / "config.yaml").read_text())["run"]["ranks"] == 2
+    # a config that pins another size is refused, naming the key
+    spec["set"] = {"run.ranks": 3}
+    runs = sw.expand(sw.load_spec(str(write(tmp_path, spec))))
+    assert "run.ranks" in runs[0].error and "3" in runs[0].error
+
+
+def test_submit_print_and_write(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(BASE))
+    r = cli("submit", cfg, "--nodes", 2, "--ntasks-per-node", 2, "--gpus-per-node", 1, "--time", "00:10:00",
+            "--set", "train.lr=0.05", "--out", tmp_path / "job", "--print", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "#SBATCH --nodes=2" in r.stdout and "#SBATCH --ntasks-per-node=2" in r.stdout
+    assert "#SBATCH --gpus-per-node=1" in r.stdout and "srun --mpi=pmi2 --ntasks=4 " in r.stdout
+    assert sys.executable in r.stdout and "@" not in r.stdout
+    assert not (tmp_path / "job").exists()                     # --print writes nothing
+    r = cli("submit", cfg, "--nodes", 1, "--ntasks-per-node", 2, "--mpi", "none", "--set", "train.lr=0.05",
+            "--out", tmp_path / "job", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    script = (tmp_path / "job" / "job.sbatch").read_text()
+    assert "#SBATCH --gpus" not in script and "srun --mpi=none --ntasks=2 " in script
+    assert subprocess.run(["bash", "-n", str(tmp_path / "job" / "job.sbatch")]).returncode == 0
+    frozen = yaml.safe_load((tmp_path / "job" / "job-config.yaml").read_text())
+    assert frozen["train"]["lr"] == 0.05 and frozen["run"]["ranks"] == 2
+    # bad input: one message naming the key, nothing written
+    for args, words in ((["--set", "train.lr=-1"], "train.lr"), (["--set", "run.ranks=3"], "run.ranks"),
+                        (["--set", "algorithm={name: d_psgd}", "--ntasks-per-node", 1], "topology")):
+        argv = ["submit", cfg, "--nodes", 1, "--ntasks-per-node", 2, "--out", tmp_path / "bad", *args]
+        r = cli(*argv, cwd=tmp_path)
+        assert r.returncode == 2 and words in r.stderr, (args, r.stderr)
+        assert not (tmp_path / "bad").exists()
 
 
 def test_job_templates_parse():
@@ -167,3 +216,66 @@ def test_shipped_sweeps_validate():
     assert [c["algorithm"]["name"] for c in cfgs] == ["psgd", "pr_sgd", "qpr_sgd", "dcd_psgd"]
     assert {r.ranks for r in demo} == {4} and {c["train"]["target_accuracy"] for c in cfgs} == {0.9}
     assert cfgs[3]["topology"]["name"] == "ring"
+
+
+def _log(folder, world_size, completed, steps=3):
+    """A real run log written through qprsgd.logger (the schema every run writes)."""
+    from qprsgd.logger import METRIC_COLUMNS, Logger
+    folder.mkdir(parents=True, exist_ok=True)
+    lg = Logger(str(folder / "run.h5"), attrs={"world_size": world_size}, world_size=world_size)
+    for t in range(1, steps + 1):
+        lg.record("metrics", {k: t if k == "step" else 0 for k in METRIC_COLUMNS})
+    lg.flush()
+    if completed:
+        lg.set_attrs(completed=True, final_step=steps)
+
+
+def test_status_from_the_runs_own_files(tmp_path):
+    spec = {"name": "st", "base": BASE, "ranks": 2, "grid": {"seed": [0, 1, 2, 3, 4, 5, 6]}}
+    p = write(tmp_path, spec)
+    out = tmp_path / "res"
+    r = cli("sweep", p, "--status", "--out", out, cwd=tmp_path)
+    assert r.returncode == 2 and "sweep.json" in r.stderr           # nothing prepared yet
+    r = cli("sweep", p, "--slurm", "--mpi", "pmi2", "--out", out, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    names = [x["name"] for x in json.loads((out / "sweep.json").read_text())["runs"]]
+    d = [out / n for n in names]
+    # 0: planned (nothing); 1: done; 2: a singleton that "finished" (world size 1 of 2);
+    # 3: launcher exited 1; 4: exited 0 without a completed log; 5: a SLURM task that left the
+    # queue without an exit code; 6: started by SLURM, still queued (running)
+    _log(d[1], 2, True)
+    (d[1] / "exit.rc").write_text("0\n")
+    _log(d[2], 1, True)
+    (d[2] / "exit.rc").write_text("0\n")
+    _log(d[3], 2, False)
+    (d[3] / "exit.rc").write_text("1\n")
+    (d[4] / "exit.rc").write_text("0\n")
+    (d[5] / "slurm_job").write_text("999998_5\n")
+    _log(d[6], 2, False, steps=2)
+    (d[6] / "slurm_job").write_text("999998_6\n")
+    runs = sw.expand(sw.load_spec(str(p)))
+    for run in runs:
+        run.folder = str(out / run.name)
+    want = ["planned", "done", "wrong-size", "failed", "failed", "failed", "running"]
+    assert [sw.classify(x.folder, 2, queued={"999998_6"})[0] for x in runs] == want
+    assert sw.classify(runs[5].folder, 2, queued=None)[0] == "running"     # squeue unknown: no guess
+    assert "world_size 1, planned 2" in sw.classify(runs[2].folder, 2)[2]
+    assert sw.classify(runs[6].folder, 2, queued={"999998_6"})[1]["last_step"] == 2
+    # the CLI refreshes index.csv (no squeue reachable for job 999998: 5 and 6 count as running)
+    r = cli("sweep", p, "--status", "--out", out, cwd=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr                      # a failed / wrong-size run
+    rows = {x["run"]: x for x in csv.DictReader(open(out / "index.csv"))}
+    got = [rows[n]["status"] for n in names]
+    assert got[:5] == want[:5] and got[6] == "running"
+    assert rows[names[2]]["world_size"] == "1" and "planned 2" in rows[names[2]]["error"]
+    assert rows[names[1]]["last_step"] == "3"
+    # report: only the done run of the right size is used; the others are named
+    import io
+    import contextlib
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        kept = sw.done_only(str(out), [(n,) for n in names[1:4]])
+    assert kept == [(names[1],)]
+    assert f"left out {names[2]}: wrong-size" in err.getvalue() and f"left out {names[3]}: failed" in err.getvalue()
+    with pytest.raises(ValueError, match="no run is done"), contextlib.redirect_stderr(io.StringIO()):
+        sw.done_only(str(out), [(names[2],)])
