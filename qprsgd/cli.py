@@ -81,14 +81,21 @@ def _find_resume(name: str) -> str:
     return max(cands, key=os.path.getmtime)
 
 
-# variables by which MPI launchers (hydra, Open MPI, PMIx, SLURM's srun) announce a job
-_LAUNCHER_VARS = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALNRANKS",
-                  "SLURM_STEP_NUM_TASKS")
+# variables by which MPI launchers (hydra, Open MPI, PMIx/SLURM's srun) announce a job's size
+_LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "SLURM_STEP_NUM_TASKS")
 
 
-def _under_launcher() -> bool:
-    """Was this process started by an MPI launcher (mpiexec, mpirun, srun)?"""
-    return any(v in os.environ for v in _LAUNCHER_VARS)
+def _launched_size() -> int:
+    """How many processes a launcher announced for this job (1 when none did).  An in-process
+    run (``--workers``) is allowed in a one-process job (e.g. ``srun -n 1`` inside an allocation)
+    and refused in a job of several processes, which must be one MPI rank per worker."""
+    n = 1
+    for v in _LAUNCHER_SIZE_VARS:
+        try:
+            n = max(n, int(os.environ.get(v, "1")))
+        except ValueError:
+            continue
+    return n
 
 
 def _flat(d, prefix: str = "") -> dict:
@@ -223,7 +230,8 @@ def cmd_run(args) -> int:
     if args.workers is not None and args.workers < 1:
         print(f"qprsgd: --workers must be >= 1, got {args.workers}", file=sys.stderr)
         return EXIT_CONFIG
-    if not _under_launcher():
+    # (the launch check of an MPI job compares these counts with MPI's world size: qprsgd/launch.py)
+    if _launched_size() == 1:
         # one process: decide the backend here, without MPI
         from . import config
         try:
