@@ -448,7 +448,7 @@ def _run(cfg, comm, out: str, info, data=None, topology=None, backend: str = "mp
         loop.run(stop_after=stop_after)
     except KeyboardInterrupt as e:
         if logger is not None:
-            logger.flush()
+            logger.close()      # flushed and closed: whole rows, readable by any reader
         e.step, e.total = loop.t, exp.total_steps
         raise
     except Exception as exc:

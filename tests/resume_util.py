@@ -99,6 +99,7 @@ def check_stop_resume(n: int, cfg: dict, tmp_path: Path, name: str, reference_h5
     from qprsgd.inprocess import run_workers
     cfg_path = write_config(tmp_path / f"{name}-stopped.yaml", cfg)
     out_dir = tmp_path / f"{name}-stopped"
+    out_dir.mkdir(parents=True)
     c = C.load(str(cfg_path), [])
     data = load_data(c)
     run_workers(n, lambda t: _run(c, t, str(out_dir), None, data=data, backend="inprocess",
