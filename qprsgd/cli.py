@@ -195,7 +195,7 @@ def _run(cfg, comm, out: str, resume: bool, data=None, topology=None, backend: s
                 f.write(cfg.to_yaml())
             logger = Logger(path, attrs=run_attrs(cfg, exp), world_size=comm.size)
             if exp.topology is not None:
-                _log_topology(logger, exp.topology)
+                _log_topology(logger, exp.topology, exp.total_steps)
         else:
             logger = Logger(path, world_size=comm.size, resume_rows=info["rows"])
             print(f"resuming {out} from step {info['step']}", flush=True)
@@ -211,12 +211,35 @@ def _run(cfg, comm, out: str, resume: bool, data=None, topology=None, backend: s
     return 0
 
 
-def _log_topology(logger, topo) -> None:
+def _log_topology(logger, topo, total_steps: int = 0) -> None:
+    if getattr(topo, "time_varying", False):
+        return _log_sequence(logger, topo, total_steps)
     from .topology import report
     rep = report(topo)
     attrs = {k: v for k, v in rep.items() if isinstance(v, (int, float))}
     attrs["name"] = topo.name
     logger.write_array("topology/W", topo.W, attrs=attrs)
+
+
+def _log_sequence(logger, topo, total_steps: int) -> None:
+    """A time-varying topology (docs/logging.md): ``topology/W`` = the mean matrix (support = every
+    pair that ever talks), per-step spectra ``topology/step_sigma`` (||W_k - J||_2),
+    ``step_messages``, ``step_max_degree`` over one period (random sequences: the run's first
+    min(total_steps, 4096) steps), and for periodic ones the matrices ``topology/W_steps``."""
+    import numpy as np
+    from .topology import sequence_report
+    steps = topo.period if topo.period is not None else max(1, min(int(total_steps), 4096))
+    rep = sequence_report(topo, steps)
+    attrs = {"name": topo.name, "time_varying": True, "period": rep.period or 0,
+             "rho_period": rep.rho_period, "steps_to_exact": rep.steps_to_exact or 0,
+             "M": topo.M, "v": topo.v}
+    attrs.update({k: v for k, v in topo.meta.items() if isinstance(v, (int, float, str, bool))})
+    logger.write_array("topology/W", topo.W, attrs=attrs)
+    logger.write_array("topology/step_sigma", np.asarray(rep.step_sigma, dtype=np.float64))
+    logger.write_array("topology/step_messages", np.asarray(rep.step_messages, dtype=np.int64))
+    logger.write_array("topology/step_max_degree", np.asarray(rep.step_max_degree, dtype=np.int64))
+    if topo.period is not None and topo.period * topo.M * topo.M <= 4_000_000:
+        logger.write_array("topology/W_steps", np.stack([topo.W_at(k) for k in range(topo.period)]))
 
 
 def cmd_topo(args) -> int:
@@ -233,6 +256,10 @@ def cmd_topo(args) -> int:
     except (config.ConfigError, ValueError) as e:
         print(f"qprsgd: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    if getattr(topo, "time_varying", False):
+        from .topology import format_sequence_report
+        print(format_sequence_report(topo))
+        return 0
     from .topology import format_report
     alpha = d = s = None
     if cfg.codec is not None:
