@@ -1310,7 +1310,7 @@ def _project_capped_simplex(y: np.ndarray, total: float) -> np.ndarray:
     return np.clip(y - 0.5 * (lo + hi), 0, 1)
 
 
-def matcha_probabilities(Ls: list[np.ndarray], budget: float, iters: int = 400) -> np.ndarray:
+def matcha_probabilities(Ls: list[np.ndarray], budget: float, iters: int = 200) -> np.ndarray:
     """MATCHA's activation probabilities: maximise the algebraic connectivity
     lambda_2(sum_j p_j L_j) subject to sum_j p_j <= budget * m, 0 <= p_j <= 1 (Wang et al. 2019).
     lambda_2 is concave in p; we use projected super-gradient ascent (gradient u^T L_j u of the
