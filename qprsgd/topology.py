@@ -22,6 +22,7 @@ Tolerance: every check uses an absolute tolerance ``TOL = 1e-9``.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -1395,9 +1396,12 @@ def matcha(M: int, base: str = "ring", base_params: Optional[dict] = None, budge
     pv = p.copy()
     pv.flags.writeable = False
 
+    @functools.lru_cache(maxsize=16)        # in-process workers share the record: draw once per k
     def sample(k: int) -> np.ndarray:
         on = np.random.default_rng([int(seed), int(k)]).random(len(pv)) < pv
-        return np.eye(M) - alpha * Lstack[on].sum(axis=0)
+        W = np.eye(M) - alpha * Lstack[on].sum(axis=0)
+        W.flags.writeable = False
+        return W
 
     Wmean = np.eye(M) - alpha * np.tensordot(pv, Lstack, axes=1)
     meta = {"base": b.name, "budget": budget, "seed": int(seed), "matchings": len(matchings),
