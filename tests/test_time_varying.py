@@ -299,3 +299,17 @@ def test_kill_and_resume_on_matcha_is_bit_identical(tmp_path):
 
 # in-process == mpiexec on time-varying topologies: tests/test_inprocess.py alg_configs holds
 # d_psgd on one_peer_exponential and dcd_psgd on matcha (run in its existing M = 2, 4, 8 jobs).
+
+
+def test_qprsgd_topo_prints_period_spectra(tmp_path, capsys):
+    import yaml
+    from qprsgd.cli import main
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(_cfg(8, {"name": "dcd_psgd"}, {"name": "one_peer_exponential"})))
+    assert main(["topo", str(p), "--workers", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "period 3" in out and "steps to exact averaging from step 0: 3" in out
+    assert "W_2 ... W_0 - J||_2 = 0" in out and "0<-4" in out          # step 2: i receives from i + 4
+    p.write_text(yaml.safe_dump(_cfg(6, {"name": "d_psgd"}, {"name": "base_graph", "k": 1})))
+    assert main(["topo", str(p), "--workers", "6"]) == 0
+    assert "steps to exact averaging from step 0: 5" in capsys.readouterr().out
