@@ -270,7 +270,7 @@ class DCDPSGD(GossipAlgorithm):
         """Steps 3–8 on W_k with per-pair references h_{j→i} in place of the replicas x̂_j;
         a stale pair's catch-up payload is C(x_{t+1} − h) (docs/algorithms-gossip.md)."""
         env, P = self.env, self.pairs
-        W = self._use_step_matrix()
+        self._use_step_matrix()
         g = self._wd(grad())                                             # 3.–4.
         x_half = self._mix(P.mix_values(self.mixer.neighbors, self.x)) - np.float32(lr) * g   # 5.
         z = x_half - self.x                                              # 6.
