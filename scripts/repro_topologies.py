@@ -9,7 +9,8 @@ D-PSGD (uncompressed float32) and DCD-PSGD (``stochastic_bits``, b = 8) on
 at M = 16 and M = 64 workers, in-process (``qprsgd run --workers M``; one Python process),
 digits, MLP[32] (d = 2410), constant lr 0.5, batch 8 (M = 16) / 4 (M = 64), 10 steps per epoch
 (M = 16) / 5 (M = 64).  Per run: training loss per epoch (mean minibatch loss), consensus
-distance per epoch (eval ``consensus`` = mean_i ||x_i − x̄||² / ||x̄||²), bytes per worker per
+distance per epoch (eval ``consensus`` = mean_i ||x_i − x̄||² / ||x̄||²), the last evaluation's
+test loss (each worker's own model on its test shard, summed over workers), bytes per worker per
 step (the ledger: bytes handed to the transport), and the modelled communication time of the
 run on a 1 Gb/s, 10 ms network (qprsgd/network.py: per-link and shared-NIC α-β models, a
 time-varying step costs its own messages).  "epochs to ring" = the first epoch whose loss is at
@@ -61,8 +62,11 @@ def config(M: int, alg: dict, codec, topo: dict, epochs: float) -> tuple[dict, i
     return c, spe
 
 
-def run(cfg: dict, out: Path, M: int) -> Path:
+def run(cfg: dict, out: Path, M: int, reuse: bool = False) -> Path:
     from qprsgd.cli import main
+    from qprsgd.logger import read
+    if reuse and (out / "run.h5").exists() and "final" in read(str(out / "run.h5")):
+        return out / "run.h5"
     out.mkdir(parents=True, exist_ok=True)
     p = out.with_suffix(".yaml")
     p.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -85,6 +89,7 @@ def analyse(h5: Path, M: int, spe: int) -> dict:
     ep = (step - 1) // spe
     losses = np.array([np.sum(loss[ep == e] * n[ep == e]) / np.sum(n[ep == e]) for e in range(int(ep.max()) + 1)])
     cons = np.asarray(ev["consensus"], dtype=float)
+    test_loss = np.asarray(ev["test_loss"], dtype=float)
     steps = int(step[-1])
     bytes_per_worker_step = float(met["bits_sent"][-1]) / 8 / M / steps
     msgs_per_worker_step = float(met["messages"][-1]) / M / steps
@@ -92,7 +97,7 @@ def analyse(h5: Path, M: int, spe: int) -> dict:
     bw, lat = parse_bandwidth("1Gbps"), parse_latency("10ms")
     t_link = float(terms.comm(Network.simple(bw, lat)).sum())
     t_nic = float(terms.comm(Network.simple(bw, lat, shared_nic=True)).sum())
-    return {"loss": losses, "consensus": cons, "bytes": bytes_per_worker_step, "msgs": msgs_per_worker_step,
+    return {"loss": losses, "consensus": cons, "test_loss": test_loss, "bytes": bytes_per_worker_step, "msgs": msgs_per_worker_step,
             "t_link": t_link, "t_nic": t_nic, "steps": steps}
 
 
@@ -101,6 +106,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/repro_topologies")
     ap.add_argument("--epochs", type=float, default=5)
     ap.add_argument("--sizes", default="16,64")
+    ap.add_argument("--reuse", action="store_true", help="analyse finished runs in --out instead of rerunning")
     args = ap.parse_args(argv)
     out = Path(args.out)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -111,15 +117,16 @@ def main(argv=None) -> int:
             for tn, topo in TOPOLOGIES.items():
                 cfg, spe = config(M, alg, codec, topo, args.epochs)
                 t = time.time()
-                h5 = run(cfg, out / f"M{M}-{an}-{tn}", M)
+                h5 = run(cfg, out / f"M{M}-{an}-{tn}", M, args.reuse)
                 results[(M, an, tn)] = res = analyse(h5, M, spe)
                 print(f"M={M:3d} {an:9s} {tn:13s} {time.time() - t:5.1f} s  loss {' '.join(f'{x:.3f}' for x in res['loss'])}",
                       flush=True)
     print(f"\n(all runs: {time.time() - t0:.0f} s)\n")
     hdr = ("| M | algorithm | topology | bytes/worker/step | msgs/worker/step | × ring bytes | last-epoch loss | "
-           "epochs to ring's loss | consensus (last eval) | modelled comm s (per-link / shared NIC) |")
+           "epochs to ring's loss | test loss (last eval) | consensus (last eval) | "
+           "modelled comm s (per-link / shared NIC) |")
     print(hdr)
-    print("|" + "---|" * 10)
+    print("|" + "---|" * 11)
     for M in sizes:
         for an in ALGS:
             ring = results[(M, an, "ring")]
@@ -129,7 +136,7 @@ def main(argv=None) -> int:
                 hit = np.flatnonzero(r["loss"] <= target + 1e-12)
                 e = str(int(hit[0]) + 1) if hit.size else f"> {len(r['loss'])}"
                 print(f"| {M} | {an} | {tn} | {r['bytes']:.0f} | {r['msgs']:.2f} | {r['bytes'] / ring['bytes']:.2f} | "
-                      f"{r['loss'][-1]:.4f} | {e} | {r['consensus'][-1]:.2e} | {r['t_link']:.2f} / {r['t_nic']:.2f} |")
+                      f"{r['loss'][-1]:.4f} | {e} | {r['test_loss'][-1]:.4f} | {r['consensus'][-1]:.2e} | {r['t_link']:.2f} / {r['t_nic']:.2f} |")
     print("\nconsensus distance per epoch (eval at the start and after each epoch):")
     for (M, an, tn), r in results.items():
         print(f"  M={M:3d} {an:9s} {tn:13s} " + " ".join(f"{x:.1e}" for x in r["consensus"]))
