@@ -792,6 +792,9 @@ def report(
     dcd-ecd Assumption 1.5 (L194), a float (codec knowledge stays outside); ``d``, ``s``: the
     dimension and QSGD level for quantized-pr-sgd Theorem 2.
     """
+    if topo.time_varying:
+        raise ValueError(f"topology {topo.name!r} is time-varying: its spectra are per step and per period; "
+                         f"use sequence_report / format_sequence_report")
     alpha_codec = _one_alpha(alpha_codec, alpha)
     rho, mu = topo.rho, topo.mu
     bound, strict = dcd_alpha_bound(rho, mu), dcd_alpha_bound(rho, mu, strict=True)
