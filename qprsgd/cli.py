@@ -351,8 +351,11 @@ def preflight_warnings(cfg, world_size: int) -> list[str]:
     EASGD's zeta): ``qprsgd run`` prints them on rank 0 before training, as ``qprsgd topo`` does."""
     if cfg.topology is None:
         return []
-    from .experiment import roles_for
-    text = topology_report(cfg, roles_for(cfg, world_size).M)
+    from .experiment import build_topology, roles_for
+    M = roles_for(cfg, world_size).M
+    if getattr(build_topology(cfg, M), "time_varying", False):
+        return []   # the theorems' conditions assume one fixed W; `qprsgd topo` prints the sequence's spectra
+    text = topology_report(cfg, M)
     return [line for line in text.splitlines() if line.startswith("WARNING:")]
 
 
@@ -438,7 +441,7 @@ def _run(cfg, comm, out: str, info, data=None, topology=None, backend: str = "mp
         # a fresh run.h5 in both cases: a resume rebuilds it from the rows saved in the checkpoint
         restore = None if info is None else ckpt.load_log(out, int(info["step"]))
         logger = Logger(path, attrs=run_attrs(cfg, exp), world_size=comm.size, restore=restore,
-                        arrays=None if exp.topology is None else _topology_arrays(exp.topology))
+                        arrays=None if exp.topology is None else _topology_arrays(exp.topology, exp.total_steps))
         if info is not None:
             print(f"resuming {out} from step {info['step']}", flush=True)
     loop = Loop(exp, logger)
@@ -493,13 +496,59 @@ def _diverged(d, exc, comm, logger, backend: str = "mpi") -> int:
     return EXIT_DIVERGED
 
 
-def _topology_arrays(topo) -> dict:
-    """``topology/W`` with its report numbers as attrs, for the Logger to write at creation."""
+def _topology_arrays(topo, total_steps: int = 0) -> dict:
+    """``topology/W`` with its report numbers as attrs, for the Logger to write at creation
+    (a time-varying topology: :func:`_sequence_arrays`)."""
+    if getattr(topo, "time_varying", False):
+        return _sequence_arrays(topo, total_steps)
     from .topology import report
     rep = report(topo)
     attrs = {k: v for k, v in rep.items() if isinstance(v, (int, float))}
     attrs["name"] = topo.name
     return {"topology/W": (topo.W, attrs)}
+
+
+def _log_sequence(logger, topo, total_steps: int) -> None:
+    """A time-varying topology (docs/logging.md): ``topology/W`` = the mean matrix (support = every
+    pair that ever talks), per-step spectra ``topology/step_sigma`` (||W_k - J||_2),
+    ``step_messages``, ``step_max_degree`` over one period (random sequences: the run's first
+    min(total_steps, 4096) steps), and for periodic ones the matrices ``topology/W_steps``."""
+    import numpy as np
+    from .topology import sequence_report
+    steps = topo.period if topo.period is not None else max(1, min(int(total_steps), 4096))
+    rep = sequence_report(topo, steps)
+    attrs = {"name": topo.name, "time_varying": True, "period": rep.period or 0,
+             "rho_period": rep.rho_period, "steps_to_exact": rep.steps_to_exact or 0,
+             "M": topo.M, "v": topo.v}
+    attrs.update({k: v for k, v in topo.meta.items() if isinstance(v, (int, float, str, bool))})
+    logger.write_array("topology/W", topo.W, attrs=attrs)
+    logger.write_array("topology/step_sigma", np.asarray(rep.step_sigma, dtype=np.float64))
+    logger.write_array("topology/step_messages", np.asarray(rep.step_messages, dtype=np.int64))
+    logger.write_array("topology/step_max_degree", np.asarray(rep.step_max_degree, dtype=np.int64))
+    if topo.period is not None and topo.period * topo.M * topo.M <= 4_000_000:
+        logger.write_array("topology/W_steps", np.stack([topo.W_at(k) for k in range(topo.period)]))
+
+
+def _sequence_arrays(topo, total_steps: int) -> dict:
+    """A time-varying topology (docs/logging.md): ``topology/W`` = the mean matrix (support = every
+    pair that ever talks), per-step spectra ``topology/step_sigma`` (||W_k - J||_2),
+    ``step_messages``, ``step_max_degree`` over one period (random sequences: the run's first
+    min(total_steps, 4096) steps), and for periodic ones the matrices ``topology/W_steps``."""
+    import numpy as np
+    from .topology import sequence_report
+    steps = topo.period if topo.period is not None else max(1, min(int(total_steps), 4096))
+    rep = sequence_report(topo, steps)
+    attrs = {"name": topo.name, "time_varying": True, "period": rep.period or 0,
+             "rho_period": rep.rho_period, "steps_to_exact": rep.steps_to_exact or 0,
+             "M": topo.M, "v": topo.v}
+    attrs.update({k: v for k, v in topo.meta.items() if isinstance(v, (int, float, str, bool))})
+    out = {"topology/W": (topo.W, attrs),
+           "topology/step_sigma": (np.asarray(rep.step_sigma, dtype=np.float64), {}),
+           "topology/step_messages": (np.asarray(rep.step_messages, dtype=np.int64), {}),
+           "topology/step_max_degree": (np.asarray(rep.step_max_degree, dtype=np.int64), {})}
+    if topo.period is not None and topo.period * topo.M * topo.M <= 4_000_000:
+        out["topology/W_steps"] = (np.stack([topo.W_at(k) for k in range(topo.period)]), {})
+    return out
 
 
 def cmd_topo(args) -> int:
@@ -512,10 +561,14 @@ def cmd_topo(args) -> int:
             M = roles_for(cfg, int(os.environ.get("PMI_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", "1")))).M
         if cfg.topology is None:
             raise ValueError(f"algorithm {cfg.algorithm.name!r} uses no topology")
-        build_topology(cfg, M)
+        topo = build_topology(cfg, M)
     except (config.ConfigError, ValueError) as e:
         print(f"qprsgd: {e}", file=sys.stderr)
         return EXIT_CONFIG
+    if getattr(topo, "time_varying", False):
+        from .topology import format_sequence_report
+        print(format_sequence_report(topo))
+        return 0
     print(topology_report(cfg, M))
     if cfg.codec is not None and codec_constants(cfg)[0] is None:
         print(f"(codec {cfg.codec.name!r} states no compression constant α: no DCD verdict)")

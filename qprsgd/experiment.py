@@ -145,6 +145,15 @@ def build_topology(cfg: Config, M: int):
     entry = TOPOLOGIES.get(cfg.topology.name)
     topo = entry.factory(M, **cfg.topology.kwargs())
     cls = ALGORITHMS.get(cfg.algorithm.name).factory
+    if getattr(topo, "time_varying", False):
+        # a sequence W_k: its builder checked every W_k (doubly stochastic, entries >= 0) and the
+        # contraction over a period (docs/topology.md); the algorithm must mix with W_k
+        if not getattr(cls, "time_varying_ok", False):
+            ok = sorted(n for n in ALGORITHMS.names() if getattr(ALGORITHMS.get(n).factory, "time_varying_ok", False))
+            raise ValueError(f"topology.name: {cfg.topology.name!r} is time-varying; algorithm "
+                             f"{cfg.algorithm.name!r} needs a fixed W (time-varying topologies run with: "
+                             f"{', '.join(ok)})")
+        return topo
     rule = getattr(cls, "mixing_rule", "gossip")
     from .topology import check_mixing, check_mixing_structure
     if cfg.topology.kwargs().get("allow_divergent"):

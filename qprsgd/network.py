@@ -272,7 +272,8 @@ def row_terms(log: dict) -> RowTerms:
     * allgather: c = Δm/M calls of Σn = Δb/c bytes: L = (M−1)c, N = (M−1)/M · Δb
       (mean payload for min n: exact for equal payloads; the log holds no per-call minimum).
     * peer: c = Δm/Σᵢdegᵢ exchanges of mean message n = Δb/Δm: L = c, N = n c (per link),
-      N = max deg · n c (shared NIC).  Without W: each rank's messages are sent one after
+      N = max deg · n c (shared NIC).  Time-varying topologies (``topology/step_messages``):
+      Σᵢdegᵢ and max deg are the per-step means of the messages and of the busiest node's peers.  Without W: each rank's messages are sent one after
       another: L = Δm/P, N = Δb/P.
     * up / down: c = Δm/S calls (S = workers other than the server): L = c, N = Δb.
     * other: as peer without W.
@@ -287,6 +288,16 @@ def row_terms(log: dict) -> RowTerms:
     S = len([w for w in workers if server is None or int(w) != int(server)]) or 1
     W = log.get("topology", {}).get("W")
     deg = _degrees(W, M)
+    step_msgs = log.get("topology", {}).get("step_messages")
+    if step_msgs is not None and len(step_msgs):
+        # time-varying topology: an exchange is one gossip step; its messages and the busiest
+        # node's peers are the per-step means over the logged steps (W's support is the union)
+        per_exchange = float(np.mean(step_msgs))
+        max_deg = float(np.mean(log["topology"]["step_max_degree"]))
+    elif deg is not None:
+        per_exchange, max_deg = float(deg.sum()), float(deg.max())
+    else:
+        per_exchange = max_deg = 0.0
     cb = np.asarray(met["channel_bytes"], dtype=float)
     cm = np.asarray(met["channel_messages"], dtype=float)
     names = met.get("_attrs", {}).get("channel_bytes", {}).get("channels", ",".join(CHANNEL_ORDER))
@@ -311,10 +322,10 @@ def row_terms(log: dict) -> RowTerms:
             c = m / M
             l_, n_ = (M - 1) * c, (M - 1) / M * b
             ns_ = n_
-        elif ch == "peer" and deg is not None and deg.sum() > 0:
-            c = m / deg.sum()
+        elif ch == "peer" and per_exchange > 0:
+            c = m / per_exchange
             l_, n_ = c, n * c
-            ns_ = deg.max() * n * c
+            ns_ = max_deg * n * c
         elif ch in ("up", "down"):
             l_, n_ = m / S, b
             ns_ = n_

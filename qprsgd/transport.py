@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import defaultdict
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -234,6 +234,27 @@ class TransportBase:
     def neighbor_exchange(self, data, neighbors: Sequence[int], channel: str = "peer") -> dict[int, np.ndarray]:
         """Send ``data`` to every neighbour j != self, receive each one's payload."""
         return self.ineighbor_exchange(data, neighbors, channel).wait()
+
+    def isparse_exchange(self, sends: Mapping[int, Any], sources: Sequence[int], channel: str = "peer") -> Request:
+        """Non-blocking directed exchange (time-varying graphs): send ``sends[j]`` (its own payload
+        per destination) to each rank j, receive one payload of any size from each rank in
+        ``sources``; the two sets may differ.  ``wait()`` gives ``{source: payload}``."""
+        tag = self._next_tag()
+        bufs = {j: as_payload(d) for j, d in sends.items() if j != self.rank}
+        with self._timed():
+            handles = []
+            for j, a in bufs.items():
+                handles.append(self._isend(a, j, tag, channel))
+                self._count(channel, a.nbytes)
+
+        def finish():
+            with self._timed():
+                got = self._recv_from(sources, tag)
+                self._waitall(handles)
+            bufs.clear()
+            return got
+
+        return Request(finish)
 
     def isendrecv_bytes(self, sends: Mapping[int, np.ndarray], recvs: Mapping[int, int],
                         channel: Union[str, Mapping[int, str]] = "peer") -> Request:

@@ -74,6 +74,9 @@ def alg_configs(M: int) -> dict:
         "generalized_elastic": b({"name": "generalized_elastic", "tau": 2},
                                     {"name": "generalized_elastic", "base": "complete", "alpha": 0.1}),
         "hierarchical": b({"name": "hierarchical", "tau": 2}, {"name": "hierarchical", "groups": 2}),
+        # time-varying topologies (directed one-peer steps; per-pair references with catch-ups)
+        "d_psgd_one_peer": b({"name": "d_psgd"}, {"name": "one_peer_exponential"}),
+        "dcd_psgd_matcha": b({"name": "dcd_psgd"}, {"name": "matcha", "base": "complete", "budget": 0.5}),
     }
     return out
 

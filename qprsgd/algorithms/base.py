@@ -49,6 +49,9 @@ class Transport(Protocol):
     def neighbor_exchange(self, data, neighbors: Sequence[int], channel: str = "peer") -> dict:
         """Blocking :meth:`ineighbor_exchange`."""
 
+    def isparse_exchange(self, sends: Mapping[int, Any], sources: Sequence[int], channel: str = "peer"):
+        """Directed: ``sends[j]`` to each j, one payload from each of ``sources``; ``.wait()`` gives them."""
+
     def isendrecv_bytes(self, sends: Mapping[int, np.ndarray], recvs: Mapping[int, int],
                         channel: Union[str, Mapping[int, str]] = "peer"):
         """A different payload per destination, exact sizes received; ``.wait()`` gives them."""
@@ -121,6 +124,7 @@ class Algorithm:
     """
 
     name = "algorithm"
+    time_varying_ok = False    # True: accepts a time-varying topology (W_k per gossip round; v = 0)
     needs_unbiased_codec = False
     uses_codec = False
     needs_server = False

@@ -142,6 +142,7 @@ class Cooperative(Algorithm):
     needs_topology = True
     default_topology = "ring"
     mixing_rule = "cooperative"
+    time_varying_ok = True               # v = 0 only: W_k of averaging round k (self.rounds)
     topologies: Optional[tuple] = None   # allowed topology names (None: any)
     require_J = False
     require_no_aux = False
@@ -187,6 +188,13 @@ class Cooperative(Algorithm):
         self.mixer = None
         if not self.allreduce and self.v == 0 and self.my_worker is not None:
             self.mixer = NeighborMixer(env.worker_comm, self.my_worker, self.W[self.my_worker], env.d)
+        # time-varying topology (v = 0 by construction): averaging round r mixes with W_r
+        self.seq = topo if getattr(topo, "time_varying", False) else None
+        if self.seq is not None:
+            if self.mixer is None:
+                raise ValueError(f"topology: {topo.name!r} is time-varying; algorithm {self.name!r} "
+                                 f"mixes it only without auxiliary nodes (v = 0)")
+            self.mixer.set_matrix(self.seq.W_at(0))
         self.routes = [] if (self.allreduce or self.v == 0) else self._routes(topo)
 
         # node values: own auxiliary variables and copies of the remote ones; all start at x₀
@@ -313,6 +321,8 @@ class Cooperative(Algorithm):
             self.rounds += 1
             return
         if self.mixer is not None:                                   # 3. v = 0: neighbour mixing
+            if self.seq is not None:
+                self.mixer.set_matrix(self.seq.W_at(self.rounds))    # W_k of this round
             if rule10:
                 self.x -= eta * g                                    # 3a. y = x − ηg
                 self.mixer.mix_models(self.x, out=self.x)            # 3b. x ← Σⱼ Wᵢⱼ yⱼ
@@ -411,6 +421,7 @@ class _ServerHosted(Cooperative):
     """A(τ, W, 1) with z on ``env.server`` (run.server: rank0 doubles as z's host, or a dedicated rank)."""
 
     needs_server = True
+    time_varying_ok = False
 
     def _aux_hosts(self, topo) -> list[int]:
         if self.v != 1:
@@ -423,6 +434,7 @@ class PASGD(Cooperative):
     """PASGD = A(τ, J, 0) (cooperative-sgd eq. (3)): τ local steps, then X ← XJ (same iterates as pr_sgd)."""
 
     name = "pasgd"
+    time_varying_ok = False
     default_topology = "allreduce"
     topologies = ("allreduce", "complete")
     require_J = True
@@ -465,5 +477,6 @@ class Hierarchical(Cooperative):
     """
 
     name = "hierarchical"
+    time_varying_ok = False
     default_topology = "hierarchical"
     topologies = ("hierarchical",)

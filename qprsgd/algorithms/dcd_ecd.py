@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict
 from ..registry import ALGORITHMS
 from .base import Algorithm
 from .mixing import NeighborMixer, from_raw, raw_bytes  # noqa: F401 (raw_bytes/from_raw re-exported)
+from .pairs import PairReferences
 
 
 class _Params(BaseModel):
@@ -39,9 +40,13 @@ class GossipAlgorithm(Algorithm):
     needs_topology = True
     default_topology = "ring"
     mixing_rule = "gossip"
+    time_varying_ok = True
 
     def __init__(self, x, env):
         super().__init__(x, env)
+        topo = env.extra.get("topology")
+        # a time-varying topology: W_k of gossip round k (self.rounds), docs/topology.md
+        self.seq = topo if getattr(topo, "time_varying", False) else None
         W = env.W
         if W is None:
             raise ValueError(f"{self.name}: needs a mixing matrix (the topology section built none)")
@@ -51,6 +56,9 @@ class GossipAlgorithm(Algorithm):
                              f"auxiliary nodes, got shape {W.shape}")
         self.i = env.worker_index
         self.mixer = NeighborMixer(env.worker_comm, self.i, W[self.i], env.d)
+        self.pairs = None
+        if self.seq is not None:
+            self.mixer.set_matrix(self.seq.W_at(0))
         self.neighbors = self.mixer.neighbors     # j ≠ i with W_ij ≠ 0 (ranks of the workers' group)
         self.support = self.mixer.support         # the j of Σ_j W_ij (·)
 
@@ -70,8 +78,25 @@ class GossipAlgorithm(Algorithm):
 
     # arrays a subclass keeps between steps (replicas, estimates): checkpointed by name
     _state_arrays: tuple = ()
+    _tv_arrays: tuple = ()        # of those, the ones the time-varying (per-pair) path keeps too
+
+    def _use_step_matrix(self) -> np.ndarray:
+        """Time-varying: point the mixer at W_k of this round; returns W_k."""
+        W = self.seq.W_at(self.rounds)
+        self.mixer.set_matrix(W)
+        return W
+
+    def _pairs(self, x) -> None:
+        if self.seq is not None and x is not None:
+            self.pairs = PairReferences(self.seq, self.i, x, self.env.worker_comm, self.env.codec, self.env.rng)
 
     def state_dict(self):
+        if self.pairs is not None:
+            s = Algorithm.state_dict(self)
+            s.update(self.pairs.state_dict())
+            for name in self._tv_arrays:
+                s[name] = getattr(self, name)
+            return s
         s = super().state_dict()
         for name in self._state_arrays:
             s[name] = getattr(self, name)
@@ -79,6 +104,12 @@ class GossipAlgorithm(Algorithm):
         return s
 
     def load_state_dict(self, state):
+        if self.pairs is not None:
+            Algorithm.load_state_dict(self, state)
+            self.pairs.load_state_dict(state)
+            for name in self._tv_arrays:
+                self._load_array(getattr(self, name), state[name])
+            return
         super().load_state_dict(state)
         if not np.array_equal(np.asarray(state["neighbors"]), self._neighbor_table()):
             raise ValueError(f"checkpoint was written with neighbours {list(state['neighbors'])}, "
@@ -123,6 +154,8 @@ class DPSGD(GossipAlgorithm):
         self.mix_rule = mix_rule
 
     def step(self, t, lr, grad):
+        if self.seq is not None:
+            self._use_step_matrix()                                      # W_k: this round's peers
         g = self._wd(grad())                                             # 1.
         if self.mix_rule == "mix_then_step":
             mixed = self.mixer.mix_models(self.x)                        # 2. exchange x_j, Σ_j W_ij x_j
@@ -159,12 +192,14 @@ class DPSGDNaiveQ(GossipAlgorithm):
 
     def step(self, t, lr, grad):
         env = self.env
+        if self.seq is not None:
+            self._use_step_matrix()                                      # W_k: this round's peers
         g = self._wd(grad())                                             # 1.
         p = env.codec.encode(self.x, env.rng)                            # 2.
         req = self._exchange(p.data)                                     # 3. (sends posted)
         v = {self.i: self._decode(p.data)}
         got = req.wait()                                                 # 3. (receives)
-        for j in self.neighbors:
+        for j in self.mixer.neighbors:
             v[j] = self._decode(got[j])
         self.x[...] = self._mix(v) - np.float32(lr) * g                  # 4.
         self.rounds += 1
@@ -202,15 +237,21 @@ class DCDPSGD(GossipAlgorithm):
     def __init__(self, x, env):
         super().__init__(x, env)
         # line 1: x̂_1^(j) = x_1 (every worker starts from the same x_1)
-        self.replicas = None if x is None else np.tile(x, (len(self.neighbors), 1))
+        self.replicas = None
+        if self.seq is not None:
+            self._pairs(x)          # time-varying: per-pair references (qprsgd/algorithms/pairs.py)
+        elif x is not None:
+            self.replicas = np.tile(x, (len(self.neighbors), 1))
 
     def replica(self, j: int) -> np.ndarray:
         """Debug accessor: this worker's replica x̂^(j) of neighbour j (a read-only view)."""
-        v = self.replicas[self.neighbors.index(j)].view()
+        v = (self.pairs.ref(j) if self.pairs is not None else self.replicas[self.neighbors.index(j)]).view()
         v.flags.writeable = False
         return v
 
     def step(self, t, lr, grad):
+        if self.pairs is not None:
+            return self._step_time_varying(lr, grad)
         env = self.env
         g = self._wd(grad())                                             # 3.–4.
         v = {j: self.replicas[k] for k, j in enumerate(self.neighbors)}
@@ -223,6 +264,25 @@ class DCDPSGD(GossipAlgorithm):
         got = req.wait()                                                 # 8. receive C(z^(j))
         for k, j in enumerate(self.neighbors):
             self.replicas[k] += self._decode(got[j])                     # 8. x̂^(j) += C(z^(j))
+        self.rounds += 1
+
+    def _step_time_varying(self, lr, grad):
+        """Steps 3–8 on W_k with per-pair references h_{j→i} in place of the replicas x̂_j;
+        a stale pair's catch-up payload is C(x_{t+1} − h) (docs/algorithms-gossip.md)."""
+        env, P = self.env, self.pairs
+        self._use_step_matrix()
+        g = self._wd(grad())                                             # 3.–4.
+        x_half = self._mix(P.mix_values(self.mixer.neighbors, self.x)) - np.float32(lr) * g   # 5.
+        z = x_half - self.x                                              # 6.
+        p = env.codec.encode(z, env.rng)                                 # 6. C(z_t)
+        dz = self._decode(p.data)
+
+        def apply(h, d):
+            h += d
+
+        apply(self.x, dz)                                                # 7. x_{t+1} = x_t + C(z_t)
+        P.talk(self.seq.W_at(self.rounds + 1), p.data, dz, apply,       # 8. along W_{k+1}
+               catchup=lambda h: self.x - h)
         self.rounds += 1
 
 
@@ -254,6 +314,7 @@ class ECDPSGD(GossipAlgorithm):
 
     name = "ecd_psgd"
     _state_arrays = ("own_estimate", "estimates")
+    _tv_arrays = ("own_estimate",)
     uses_codec = True
     default_codec = "stochastic_bits"
     needs_unbiased_codec = True
@@ -262,10 +323,18 @@ class ECDPSGD(GossipAlgorithm):
         super().__init__(x, env)
         # line 1: x̃_1^(j) = x_1 for the own estimate and every neighbour's
         self.own_estimate = None if x is None else x.copy()
-        self.estimates = None if x is None else np.tile(x, (len(self.neighbors), 1))
+        self.estimates = None
+        if self.seq is not None:
+            self._pairs(x)          # time-varying: per-pair estimates (qprsgd/algorithms/pairs.py)
+        elif x is not None:
+            self.estimates = np.tile(x, (len(self.neighbors), 1))
 
     def estimate(self, j: int) -> np.ndarray:
         """Debug accessor: this worker's estimate x̃^(j) (j = itself or a neighbour), read-only."""
+        if self.pairs is not None and j != self.i:
+            v = self.pairs.ref(j).view()
+            v.flags.writeable = False
+            return v
         v = (self.own_estimate if j == self.i else self.estimates[self.neighbors.index(j)]).view()
         v.flags.writeable = False
         return v
@@ -278,6 +347,8 @@ class ECDPSGD(GossipAlgorithm):
         c = np.float32(2.0 / k)
         one_minus_c = np.float32(1.0 - 2.0 / k)
         g = self._wd(grad())                                             # 3.–4. at x_t
+        if self.pairs is not None:
+            return self._step_time_varying(lr, g, a, one_minus_a, c, one_minus_c)
         v = {j: self.estimates[n] for n, j in enumerate(self.neighbors)}
         v[self.i] = self.own_estimate
         x_half = self._mix(v)                                            # 5.
@@ -290,4 +361,25 @@ class ECDPSGD(GossipAlgorithm):
         got = req.wait()
         for n, j in enumerate(self.neighbors):                           # 8. neighbours' estimates
             self.estimates[n] = one_minus_c * self.estimates[n] + c * self._decode(got[j])
+        self.rounds += 1
+
+    def _step_time_varying(self, lr, g, a, one_minus_a, c, one_minus_c):
+        """Steps 5–8 on W_k with per-pair estimates h_{j→i}.  A stale pair's catch-up payload is
+        C(w), w = a (x_{t+1} − (1 − c) h) (a = 1/c): the holder's update (1 − c) h + c C(w) then
+        has mean x_{t+1}, as the fresh update does (docs/algorithms-gossip.md)."""
+        env, P = self.env, self.pairs
+        self._use_step_matrix()
+        x_half = self._mix(P.mix_values(self.mixer.neighbors, self.own_estimate))   # 5.
+        x_next = x_half - np.float32(lr) * g                             # 6.
+        z = one_minus_a * self.x + a * x_next                            # 7. z_{t+1}
+        p = env.codec.encode(z, env.rng)                                 # 7. C(z_{t+1})
+        self.x[...] = x_next                                             # 6. x_{t+1}
+
+        def apply(h, d):
+            h[...] = one_minus_c * h + c * d
+
+        dz = self._decode(p.data)
+        apply(self.own_estimate, dz)                                     # 8. (j = i)
+        P.talk(self.seq.W_at(self.rounds + 1), p.data, dz, apply,       # 8. along W_{k+1}
+               catchup=lambda h: a * (self.x - one_minus_c * h))
         self.rounds += 1

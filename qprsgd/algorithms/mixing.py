@@ -79,9 +79,24 @@ class NeighborMixer:
         self.neighbors = [j for j in range(row.size) if j != self.i and row[j] != 0.0]
         self.support = sorted([self.i] + self.neighbors)
         self.terms = [(j, float(row[j])) for j in self.support]
+        self.send_to = None            # symmetric: send to the neighbours (see set_matrix)
+
+    def set_matrix(self, W: np.ndarray) -> None:
+        """Use W_k (a whole, possibly directed, doubly stochastic matrix) for the next exchange:
+        receive from the j ≠ i with W[i, j] ≠ 0 (``neighbors``, mixed by row i) and send to the
+        j ≠ i with W[j, i] ≠ 0 (``send_to``: those who mix this worker's value).  For a symmetric
+        W the two sets agree and the exchange is the symmetric one of :meth:`set_row`."""
+        W = np.asarray(W, dtype=np.float64)
+        self.set_row(W[self.i])
+        col = W[:, self.i]
+        send_to = [j for j in range(col.size) if j != self.i and col[j] != 0.0]
+        self.send_to = None if send_to == self.neighbors else send_to
 
     def exchange(self, data):
         """Post ``data`` (a payload) to every neighbour; ``.wait()`` gives ``{j: payload}``."""
+        if self.send_to is not None:   # directed step (set_matrix): sends and receives differ
+            return self.transport.isparse_exchange({j: data for j in self.send_to}, self.neighbors,
+                                                   channel=self.channel)
         return self.transport.ineighbor_exchange(data, self.neighbors, channel=self.channel)
 
     def mix(self, values: Mapping[int, np.ndarray], out: Optional[np.ndarray] = None) -> np.ndarray:

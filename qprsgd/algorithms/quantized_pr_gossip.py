@@ -54,6 +54,7 @@ class DQPRSGD(GossipAlgorithm):
 
     name = "dqpr_sgd"
     _state_arrays = ("own_replica", "replicas")
+    _tv_arrays = ("own_replica",)
     uses_codec = True
     default_codec = "qsgd"
 
@@ -62,11 +63,18 @@ class DQPRSGD(GossipAlgorithm):
         self.K, self.avg_phase = check_period(K, avg_phase)
         # input: x̃_1^(j) = x_1 for the own replica and every neighbour's
         self.own_replica = None if x is None else x.copy()
-        self.replicas = None if x is None else np.tile(x, (len(self.neighbors), 1))
+        self.replicas = None
+        if self.seq is not None:
+            self._pairs(x)          # time-varying: per-pair replicas (qprsgd/algorithms/pairs.py)
+        elif x is not None:
+            self.replicas = np.tile(x, (len(self.neighbors), 1))
 
     def replica(self, j: int) -> np.ndarray:
         """Debug accessor: this worker's x̃^(j) (j = itself or a neighbour), read-only."""
-        v = (self.own_replica if j == self.i else self.replicas[self.neighbors.index(j)]).view()
+        if j == self.i:
+            v = self.own_replica.view()
+        else:
+            v = (self.pairs.ref(j) if self.pairs is not None else self.replicas[self.neighbors.index(j)]).view()
         v.flags.writeable = False
         return v
 
@@ -77,6 +85,8 @@ class DQPRSGD(GossipAlgorithm):
         self.x -= np.float32(lr) * g                                     # 4. x_{n;k+1}
         if not is_round_end(t, self.K, self.avg_phase):
             return
+        if self.pairs is not None:
+            return self._round_time_varying()
         v = {j: self.replicas[n] for n, j in enumerate(self.neighbors)}
         v[self.i] = self.own_replica
         x_half = (self._mix(v) - self.own_replica) + self.x              # 7. x̃_{n+½}
@@ -87,4 +97,23 @@ class DQPRSGD(GossipAlgorithm):
         for n, j in enumerate(self.neighbors):
             self.replicas[n] -= self._decode(got[j])                     # 11. x̃^(j) −= g^(j)
         self.x[...] = self.own_replica                                   # 1. (next round) x_{n+1;0}
+        self.rounds += 1
+
+    def _round_time_varying(self):
+        """Lines 7–11 on W_n (n = this round) with per-pair replicas h_{j→m}; a stale pair's
+        catch-up payload is Q(h − x̃_{n+1}^(m)) (docs/algorithms-gossip.md)."""
+        env, P = self.env, self.pairs
+        self._use_step_matrix()
+        v = P.mix_values(self.mixer.neighbors, self.own_replica)
+        x_half = (self._mix(v) - self.own_replica) + self.x              # 7. x̃_{n+½}
+        p = env.codec.encode(self.own_replica - x_half, env.rng)         # 8. g_n
+        gd = self._decode(p.data)
+
+        def apply(h, d):
+            h -= d
+
+        apply(self.own_replica, gd)                                      # 11. (j = m)
+        P.talk(self.seq.W_at(self.rounds + 1), p.data, gd, apply,       # 9.–11. along W_{n+1}
+               catchup=lambda h: h - self.own_replica)
+        self.x[...] = self.own_replica                                   # 1. (next round)
         self.rounds += 1
