@@ -508,27 +508,6 @@ def _topology_arrays(topo, total_steps: int = 0) -> dict:
     return {"topology/W": (topo.W, attrs)}
 
 
-def _log_sequence(logger, topo, total_steps: int) -> None:
-    """A time-varying topology (docs/logging.md): ``topology/W`` = the mean matrix (support = every
-    pair that ever talks), per-step spectra ``topology/step_sigma`` (||W_k - J||_2),
-    ``step_messages``, ``step_max_degree`` over one period (random sequences: the run's first
-    min(total_steps, 4096) steps), and for periodic ones the matrices ``topology/W_steps``."""
-    import numpy as np
-    from .topology import sequence_report
-    steps = topo.period if topo.period is not None else max(1, min(int(total_steps), 4096))
-    rep = sequence_report(topo, steps)
-    attrs = {"name": topo.name, "time_varying": True, "period": rep.period or 0,
-             "rho_period": rep.rho_period, "steps_to_exact": rep.steps_to_exact or 0,
-             "M": topo.M, "v": topo.v}
-    attrs.update({k: v for k, v in topo.meta.items() if isinstance(v, (int, float, str, bool))})
-    logger.write_array("topology/W", topo.W, attrs=attrs)
-    logger.write_array("topology/step_sigma", np.asarray(rep.step_sigma, dtype=np.float64))
-    logger.write_array("topology/step_messages", np.asarray(rep.step_messages, dtype=np.int64))
-    logger.write_array("topology/step_max_degree", np.asarray(rep.step_max_degree, dtype=np.int64))
-    if topo.period is not None and topo.period * topo.M * topo.M <= 4_000_000:
-        logger.write_array("topology/W_steps", np.stack([topo.W_at(k) for k in range(topo.period)]))
-
-
 def _sequence_arrays(topo, total_steps: int) -> dict:
     """A time-varying topology (docs/logging.md): ``topology/W`` = the mean matrix (support = every
     pair that ever talks), per-step spectra ``topology/step_sigma`` (||W_k - J||_2),
