@@ -158,7 +158,7 @@ def _prepare(args, world_size: int, env: Optional[dict] = None) -> dict:
     elif cfg.run.ranks is not None and cfg.run.ranks != world_size:
         raise ValueError(f"run.ranks: {cfg.run.ranks} pins the world size, but this in-process run has "
                          f"{world_size} workers (--workers / run.workers)")
-    if cfg.run.workers is not None and world_size > 1:
+    if env is not None and cfg.run.workers is not None and world_size > 1:   # an MPI job
         raise ValueError(f"run.workers: {cfg.run.workers} runs every worker in one process, but this job "
                          f"has {world_size} MPI ranks; remove run.workers (one rank per worker) or start "
                          f"it without mpiexec/srun")

@@ -256,3 +256,15 @@ def test_local_collectives_follow_rank_order_and_split():
         assert subrank == (1 - r // 2)      # key = -rank: the higher rank first
         assert subsum == (2 if r % 2 == 0 else 4)
         assert ab == 4
+
+
+def test_run_workers_key_runs_in_process(tmp_path):
+    """``run.workers: 3`` in the YAML (no --workers, no launcher) runs 3 in-process workers."""
+    cfg = alg_configs(3)["psgd"]
+    cfg["run"] = dict(cfg["run"], workers=3)
+    from conftest import write_config
+    from qprsgd.cli import main
+    p = write_config(tmp_path / "c.yaml", cfg)
+    assert main(["run", str(p), "--out", str(tmp_path / "o")]) == 0
+    a = read(str(tmp_path / "o" / "run.h5"))["attrs"]
+    assert a["backend"] == "inprocess" and int(a["world_size"]) == 3
