@@ -23,7 +23,7 @@ from qprsgd.logger import read
 from qprsgd.registry import ALGORITHMS
 
 # algorithms whose training uses MPI's float Allreduce (its summation order is MPI's choice)
-FLOAT_ALLREDUCE = {"psgd", "pr_sgd", "pasgd", "sgdm"}
+FLOAT_ALLREDUCE = {"psgd", "pr_sgd", "pasgd", "sgdm", "powersgd"}
 
 
 BATCH, STEPS = 4, 5
@@ -78,6 +78,7 @@ def alg_configs(M: int) -> dict:
         "generalized_elastic": b({"name": "generalized_elastic", "tau": 2},
                                     {"name": "generalized_elastic", "base": "complete", "alpha": 0.1}),
         "hierarchical": b({"name": "hierarchical", "tau": 2}, {"name": "hierarchical", "groups": 2}),
+        "powersgd": b({"name": "powersgd", "rank": 2, "start_steps": 1}),
     }
     return out
 
