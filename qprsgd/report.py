@@ -12,7 +12,9 @@ Agg) in ``<dir>/report/`` -- training loss and test accuracy vs epoch, vs synchr
 vs bits sent, and vs modelled time at each bandwidth (first latency) -- plus ``summary.md`` and
 ``summary.json``: per label (the sweep's axes without the seed; repeats averaged) the epochs,
 rounds, bits and modelled time to the target accuracy at each network, and speed-ups vs the
-baseline (``--baseline``; default the label whose algorithm is ``psgd``).
+baseline (``--baseline``; default the label whose algorithm is ``psgd``), and the crossover
+bandwidth of each label against ``psgd`` at the run's M and extrapolated to M = 16 … 1024
+(qprsgd/crossover.py; figure ``crossover_bandwidth.png``).
 
 Target (when ``--target`` is not given): the config's ``train.target_accuracy`` if every run
 sets the same one, else the highest accuracy every run reaches (min over runs of the best
@@ -29,6 +31,7 @@ from typing import Optional
 
 import numpy as np
 
+from . import crossover
 from . import network as nw
 from .logger import read
 
@@ -277,7 +280,10 @@ def report_sweep(folder: str, bandwidths: str = DEFAULT_BANDWIDTHS, latencies: s
     os.makedirs(out, exist_ok=True)
     s = summarize(runs, tgt, nets, baseline)
     s["figures"] = draw(runs, out, nets, tgt)
-    md = summary_markdown(s)
+    cross = crossover.sweep_crossover(runs, tgt, nets[0].link.latency, out)   # qprsgd/crossover.py
+    s["crossover"] = cross["rows"]
+    s["crossover_figure"] = cross["figure"]
+    md = summary_markdown(s) + "\n" + cross["markdown"]
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(f"# Report: {os.path.basename(os.path.abspath(folder))}\n\n" + md + "\n")
         f.write("Figures: " + ", ".join(os.path.basename(p) for p in s["figures"]) + "\n")
