@@ -100,6 +100,35 @@ def main_netem(a) -> int:
     return 0 if ok else 1
 
 
+def run_inprocess(spec_: dict, out: str, reuse: bool) -> int:
+    """The sweep's runs one after another, each ``qprsgd run`` without a launcher, so that
+    ``run.workers`` makes it in-process (``sweep.run_plan`` starts ``mpiexec -n ranks``)."""
+    import subprocess
+    import time
+    runs = sw.expand(spec_)
+    bad = [r for r in runs if r.error]
+    for r in bad:
+        print(f"{r.name}: {r.error}")
+    if bad:
+        return 2
+    sw.prepare(spec_, runs, out)
+    for r in runs:
+        h5 = os.path.join(r.folder, "run.h5")
+        if reuse and r.status == "done":
+            print(f"{r.name}: done already", flush=True)
+            continue
+        if os.path.exists(h5):
+            os.remove(h5)
+        t0 = time.perf_counter()
+        with open(os.path.join(r.folder, "stdout.log"), "w") as lo:
+            rc = subprocess.run([sys.executable, "-m", "qprsgd.cli", "run", os.path.join(r.folder, "config.yaml"),
+                                 "--out", r.folder], stdout=lo, stderr=subprocess.STDOUT).returncode
+        print(f"{r.name}: rc {rc}, {time.perf_counter() - t0:.1f} s", flush=True)
+        if rc:
+            return 1
+    return 0
+
+
 def main_aggregation(a) -> int:
     """R3 with ``aggregation: reduce_scatter`` at each M of ``--ms`` (in-process workers, modelled
     time): PR-SGD (K = 4), Q-PR-SGD (K = 4) with allgather and with reduce_scatter."""
@@ -112,7 +141,7 @@ def main_aggregation(a) -> int:
         s["grid"]["algorithm"] = [{"name": "pr_sgd", "K": 4}, {"name": "qpr_sgd", "K": 4},
                                   {"name": "qpr_sgd", "K": 4, "aggregation": a.aggregation}]
         out = os.path.join(a.out, f"M{M}")
-        rc = sw.run_plan(s, out, force=not a.reuse)
+        rc = run_inprocess(s, out, a.reuse)
         if rc:
             return rc
         loaded = report.load_runs(out)
@@ -122,9 +151,7 @@ def main_aggregation(a) -> int:
         rows = {r["label"]: r for r in summ["labels"]}
         keys = [report.net_name(n) for n in nets]
         lo, hi = keys[0], keys[-1]
-        lab_pr = next(k for k in rows if k.startswith("pr_sgd"))
-        lab_rs = next(k for k in rows if a.aggregation in k)
-        lab_ag = next(k for k in rows if k.startswith("qpr_sgd") and k != lab_rs)
+        lab_pr, lab_ag, lab_rs = [r["label"] for r in loaded]      # the grid's order
         print(f"\nR3 ({a.aggregation}), M = {M}, MLP [512, 512], target accuracy {target:.4f}, latency 0.1 ms")
         print(f"{'':24}" + "".join(f"{k.split('/')[0]:>11}" for k in keys) + "   (modelled seconds to target)")
         for lab in (lab_pr, lab_ag, lab_rs):
