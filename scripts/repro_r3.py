@@ -100,9 +100,9 @@ def main_netem(a) -> int:
     return 0 if ok else 1
 
 
-def run_inprocess(spec_: dict, out: str, reuse: bool) -> int:
-    """The sweep's runs one after another, each ``qprsgd run`` without a launcher, so that
-    ``run.workers`` makes it in-process (``sweep.run_plan`` starts ``mpiexec -n ranks``)."""
+def run_inprocess(spec_: dict, out: str, reuse: bool, M: int) -> int:
+    """The sweep's runs one after another, each ``qprsgd run --workers M`` (in-process, no
+    launcher; ``sweep.run_plan`` starts ``mpiexec -n ranks``)."""
     import subprocess
     import time
     runs = sw.expand(spec_)
@@ -122,7 +122,7 @@ def run_inprocess(spec_: dict, out: str, reuse: bool) -> int:
         t0 = time.perf_counter()
         with open(os.path.join(r.folder, "stdout.log"), "w") as lo:
             rc = subprocess.run([sys.executable, "-m", "qprsgd.cli", "run", os.path.join(r.folder, "config.yaml"),
-                                 "--out", r.folder], stdout=lo, stderr=subprocess.STDOUT).returncode
+                                 "--out", r.folder, "--workers", str(M)], stdout=lo, stderr=subprocess.STDOUT).returncode
         print(f"{r.name}: rc {rc}, {time.perf_counter() - t0:.1f} s", flush=True)
         if rc:
             return 1
@@ -137,11 +137,10 @@ def main_aggregation(a) -> int:
     for M in [int(m) for m in a.ms.split(",")]:
         s = spec(1, a.epochs)
         s["name"] = f"r3_{a.aggregation}_M{M}"
-        s["base"]["run"]["workers"] = M           # in-process: M workers in one process
         s["grid"]["algorithm"] = [{"name": "pr_sgd", "K": 4}, {"name": "qpr_sgd", "K": 4},
                                   {"name": "qpr_sgd", "K": 4, "aggregation": a.aggregation}]
         out = os.path.join(a.out, f"M{M}")
-        rc = run_inprocess(s, out, a.reuse)
+        rc = run_inprocess(s, out, a.reuse, M)
         if rc:
             return rc
         loaded = report.load_runs(out)
