@@ -434,7 +434,8 @@ def validate(raw: dict) -> Config:
     if algorithm is not None:
         cls = ALGORITHMS.get(algorithm.name).factory
         codec_raw = raw.get("codec")
-        if getattr(cls, "uses_codec", False):
+        refusal = cls.codec_refusal(algorithm.params) if getattr(cls, "uses_codec", False) else None
+        if getattr(cls, "uses_codec", False) and refusal is None:
             if codec_raw is None:
                 codec_raw = {"name": getattr(cls, "default_codec", "identity")}
             codec = _section(CODECS, "codec", codec_raw, problems)
@@ -444,8 +445,8 @@ def validate(raw: dict) -> Config:
                         f"codec.name: algorithm {algorithm.name!r} needs an unbiased compressor "
                         f"(dcd-ecd-psgd Assumption 1.5); {codec.name!r} is biased (got {codec.name!r})")
         elif codec_raw is not None:
-            problems.append(f"codec: algorithm {algorithm.name!r} sends uncompressed data; "
-                            f"remove the codec section (got {brief(codec_raw)})")
+            why = refusal or f"algorithm {algorithm.name!r} sends uncompressed data"
+            problems.append(f"codec: {why}; remove the codec section (got {brief(codec_raw)})")
         topo_raw = raw.get("topology")
         if getattr(cls, "needs_topology", False):
             if topo_raw is None:

@@ -309,13 +309,18 @@ def build(cfg: Config, comm, out_dir: str, data=None, topology=None, backend: st
         raw = centry.factory(flat.d, flat.blocks, threads=ct, **cfg.codec.kwargs())
         raw.warmup()  # JIT compile / cache load now, not in step 0's t_codec
         codec = TimedCodec(raw, comm.ledger)
+
+        def make_codec(d, blocks, _f=centry.factory, _kw=cfg.codec.kwargs()):
+            return TimedCodec(_f(int(d), tuple(blocks), **_kw), comm.ledger)
+    else:
+        make_codec = None
     env = Env(
         comm=comm, d=flat.d, workers=roles.workers, server=roles.server, worker_comm=wc,
         codec=codec, rng=np.random.default_rng([cfg.seed, 1, rank]),
         W=None if topo is None else topo.W, blocks=tuple(flat.blocks),
         weight_decay=cfg.train.weight_decay,
         extra={} if topo is None else {"topology": topo},
-        groups=groups,
+        groups=groups, make_codec=make_codec, shapes=tuple(flat.shapes), seed=cfg.seed,
     )
     algo = cls(mirror.x, env, **cfg.algorithm.kwargs())
     return Experiment(cfg, comm, roles, module, flat, data, train_idx, test_idx, stream, codec, algo,

@@ -58,7 +58,7 @@ EVAL_COLUMNS = {
 }
 
 
-CHANNELS = ("allreduce", "allgather", "peer", "up", "down", "other")
+CHANNELS = ("allreduce", "allgather", "alltoall", "peer", "up", "down", "other")
 """Columns of ``metrics/channel_bytes`` and ``metrics/channel_messages`` (see qprsgd/comm.py)."""
 
 

@@ -13,6 +13,8 @@ pattern                cost of one call                               comm.py ca
 =====================  =============================================  ===============================
 ring allreduce         2(M−1) α + 2(M−1)/M · n β                       ``allreduce_mean`` / allreduce
 allgather (variable)   (M−1) α + (Σⱼ nⱼ − minⱼ nⱼ) β                   ``allgather_bytes`` / allgather
+alltoall (personal.)   (M−1) α + maxᵢ max(Σⱼ nᵢⱼ, Σⱼ nⱼᵢ) β            ``alltoall_bytes`` / alltoall
+integer allreduce      as ring allreduce (n = the integer buffer)      ``allreduce_sum_int`` / allreduce
 neighbour exchange     maxᵢ (α + maxⱼ nᵢⱼ β)  (per-link)               ``neighbor_exchange`` / peer
                        maxᵢ (α + Σⱼ nᵢⱼ β)    (shared NIC)
 server incast          α + Σⱼ nⱼ β  (the server's downlink)            ``gather_bytes`` / up
@@ -26,6 +28,9 @@ Decisions:
 * Allgather of variable payloads: M−1 ring steps (latency), and the last rank must receive
   every payload but its own over its one incoming link: Σ n − min n bytes (a pipelined ring
   reaches this bound).  Equal payloads give the textbook (M−1)(α + nβ).
+* Alltoall (``reduce_scatter`` aggregation's first stage): pairwise exchange, M−1 steps; each
+  node's one full-duplex NIC carries everything it sends and everything it receives, so the
+  busiest node's larger direction sets the byte term.
 * Neighbour exchange: all sends are posted at once.  Default ``shared_nic=False`` (the brief's
   "links in parallel"): each neighbour pair has its own full-duplex link, so a node's time is
   α plus its largest message.  ``shared_nic=True``: a node's messages share one NIC (one
@@ -176,6 +181,17 @@ class Network:
         l = self._ring_link(ranks if ranks is not None else range(M))
         return (M - 1) * l.latency + (float(sum(sizes)) - float(min(sizes))) * l.beta
 
+    def alltoall(self, sizes) -> float:
+        """``sizes[i][j]`` bytes from rank i to rank j (diagonal ignored):
+        (M−1) α + maxᵢ max(Σ_{j≠i} nᵢⱼ, Σ_{j≠i} nⱼᵢ) β."""
+        n = np.array(sizes, dtype=float)
+        M = n.shape[0]
+        if M <= 1:
+            return 0.0
+        np.fill_diagonal(n, 0.0)
+        l = self._ring_link(range(M))
+        return (M - 1) * l.latency + float(max(n.sum(1).max(), n.sum(0).max())) * l.beta
+
     def neighbor_exchange(self, messages: dict) -> float:
         """``messages[i] = {j: nbytes}`` (what node i sends to j); all posted at once, full duplex.
 
@@ -226,7 +242,7 @@ class Network:
 
 
 # -- re-timing a logged run ------------------------------------------------------------------
-CHANNEL_ORDER = ("allreduce", "allgather", "peer", "up", "down", "other")
+CHANNEL_ORDER = ("allreduce", "allgather", "alltoall", "peer", "up", "down", "other")
 
 
 @dataclass
@@ -271,6 +287,8 @@ def row_terms(log: dict) -> RowTerms:
     * allreduce: c = Δm/M calls of n = Δb/Δm bytes: L = 2(M−1)c, N = 2(M−1)/M · n c.
     * allgather: c = Δm/M calls of Σn = Δb/c bytes: L = (M−1)c, N = (M−1)/M · Δb
       (mean payload for min n: exact for equal payloads; the log holds no per-call minimum).
+    * alltoall: c = Δm/(M(M−1)) calls: L = (M−1)c, N = Δb/M (the mean rank's sent bytes: exact
+      for equal chunks; the log holds no per-rank maximum).
     * peer: c = Δm/Σᵢdegᵢ exchanges of mean message n = Δb/Δm: L = c, N = n c (per link),
       N = max deg · n c (shared NIC).  Time-varying topologies (``topology/step_messages``):
       Σᵢdegᵢ and max deg are the per-step means of the messages and of the busiest node's peers.  Without W: each rank's messages are sent one after
@@ -321,6 +339,10 @@ def row_terms(log: dict) -> RowTerms:
         elif ch == "allgather":
             c = m / M
             l_, n_ = (M - 1) * c, (M - 1) / M * b
+            ns_ = n_
+        elif ch == "alltoall":
+            c = m / (M * (M - 1)) if M > 1 else 0.0 * m
+            l_, n_ = (M - 1) * c, b / M
             ns_ = n_
         elif ch == "peer" and per_exchange > 0:
             c = m / per_exchange

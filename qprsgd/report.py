@@ -47,6 +47,7 @@ from typing import Optional
 
 import numpy as np
 
+from . import crossover
 from . import network as nw
 from .logger import read
 from .results import ResultsError, config_of, find_runs, flatten
@@ -802,7 +803,17 @@ def report_sweep(folder: str, bandwidths: str = DEFAULT_BANDWIDTHS, latencies: s
     summaries = []
     for cs in sets:
         sub = out if len(sets) == 1 else os.path.join(out, cs.name)
-        summaries.append(report_set(cs, sub, nets, target, baseline, formats, title, only))
+        s = report_set(cs, sub, nets, target, baseline, formats, title, only)
+        # the crossover bandwidth of each label against psgd (qprsgd/crossover.py)
+        tgt = choose_target(cs.runs, target)
+        cross = crossover.sweep_crossover(cs.runs, tgt, nets[0].link.latency, sub)
+        s["crossover"] = cross["rows"]
+        s["crossover_figure"] = cross["figure"]
+        if cross["markdown"]:
+            with open(os.path.join(sub, "summary.md"), "a") as f:
+                f.write("\n" + cross["markdown"] + "\n")
+            s["markdown"] = s.get("markdown", "") + "\n" + cross["markdown"]
+        summaries.append(s)
     res = {"sets": summaries, "differences": describe_differences(sets)}
     if len(sets) == 1:
         res.update(summaries[0])

@@ -15,8 +15,9 @@ Three pieces:
 
 What is counted (``bytes_sent[channel]``): payload bytes this rank hands over to be sent.
 Point-to-point sends count once per destination; a collective counts this rank's send buffer
-once per call (allreduce: the buffer; allgather: this rank's payload).  Channels:
-``allreduce``, ``allgather``, ``peer`` (neighbour exchange), ``up`` (worker -> server) and
+once per call (allreduce: the buffer; allgather: this rank's payload; alltoall: each payload sent to
+another rank).  Channels:
+``allreduce``, ``allgather``, ``alltoall`` (personalised exchange), ``peer`` (neighbour exchange), ``up`` (worker -> server) and
 ``down`` (server -> workers), or any name a caller passes.  Control traffic (scalar
 reductions, broadcasts of the config, gathers of final parameters, evaluation) is not counted
 and not timed.  What a collective really puts on a wire is the network model's job
@@ -192,7 +193,57 @@ class TransportBase:
             buf /= self.size
         return buf
 
+    def allreduce_sum_int(self, buf: np.ndarray, channel: str = "allreduce") -> np.ndarray:
+        """In place: buf ← Σ over the group of a contiguous signed-integer buffer; returns ``buf``.
+
+        Integer addition is exact and associative, so every backend and every summation order
+        gives the same result.  The caller must make sure the sum cannot overflow ``buf``'s
+        dtype (MPI wraps silently): the ``summable`` aggregation refuses such configs.  Counted
+        like :meth:`allreduce_mean`: this rank's buffer once per call."""
+        if not buf.flags.c_contiguous:
+            raise ValueError("allreduce_sum_int needs a contiguous buffer")
+        if buf.dtype.kind != "i":
+            raise ValueError(f"allreduce_sum_int needs a signed integer buffer, got {buf.dtype}")
+        with self._timed():
+            if self.size > 1:
+                self._allreduce_sum(buf)
+                self._count(channel, buf.nbytes)
+        return buf
+
+    def allreduce_max(self, values: Sequence[float], channel: str = "allreduce") -> np.ndarray:
+        """Max over the group of a few float64 values, counted as payload traffic (8 bytes per
+        value, one call) -- unlike :meth:`allreduce_scalars`, which is uncounted control."""
+        a = np.asarray(values, dtype=np.float64)
+        with self._timed():
+            if self.size > 1:
+                out = np.asarray(self.allreduce_scalars(a, "max"), dtype=np.float64)
+                self._count(channel, a.nbytes)
+            else:
+                out = a.copy()
+        return out
+
     # -- byte payloads -------------------------------------------------------------------------
+    def alltoall_bytes(self, sends: Sequence, channel: str = "alltoall") -> list[np.ndarray]:
+        """Personalised exchange: ``sends[j]`` goes to rank j (``len(sends) == size``; this rank's
+        own entry stays here, copied); returns the payload from every rank, in rank order.
+
+        All sends are posted first, then the receives complete in rank order (sizes need not be
+        known).  Counted per destination: Σ_{j != rank} len(sends[j]) bytes, size − 1 messages."""
+        if len(sends) != self.size:
+            raise ValueError(f"alltoall_bytes needs one payload per rank ({self.size}), got {len(sends)}")
+        payloads = [as_payload(s) for s in sends]
+        tag = self._next_tag()
+        with self._timed():
+            handles = []
+            for j, p in enumerate(payloads):
+                if j != self.rank:
+                    handles.append(self._isend(p, j, tag, channel))
+                    self._count(channel, p.nbytes)
+            got = [payloads[j].copy() if j == self.rank else self._recv_unknown(j, tag)
+                   for j in range(self.size)]
+            self._waitall(handles)
+        return got
+
     def allgather_bytes(self, data, channel: str = "allgather") -> list[np.ndarray]:
         """Every rank's payload, in rank order (variable sizes).  Counted as one collective:
         this rank's payload once per call (the network model charges the M - 1 copies)."""

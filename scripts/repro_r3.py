@@ -23,12 +23,21 @@ modelled one, Q-PR-SGD is the fastest measured, and measured/modelled time per s
 reach a meaningful target; per-step time is what the network changes.)
 
     python scripts/repro_r3.py --netem 20Mbps [--ranks 4] [--epochs 1] [--out results/r3_netem]
+
+Aggregation (``--aggregation reduce_scatter [--ms 4,8,16]``): PR-SGD and Q-PR-SGD (K = 4) with the
+default allgather and with the given aggregation, in-process at each M, modelled as above.
+Criteria: Q-PR-SGD (aggregation) grows <= 1.5x from 100 to 5 Mb/s; it is >= 3x faster than PR-SGD
+at 5 Mb/s; its final test accuracy is within 0.01 of the allgather run's.
+
+    nice -n 10 python scripts/repro_r3.py --aggregation reduce_scatter --ms 4,8,16
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+
+import numpy as np
 
 from qprsgd import network as nw, report, sweep as sw
 
@@ -91,8 +100,99 @@ def main_netem(a) -> int:
     return 0 if ok else 1
 
 
+def run_inprocess(spec_: dict, out: str, reuse: bool, M: int) -> int:
+    """The sweep's runs one after another, each ``qprsgd run --workers M`` (in-process, no
+    launcher; ``sweep.run_plan`` starts ``mpiexec -n ranks``)."""
+    import subprocess
+    import time
+    runs = sw.expand(spec_)
+    bad = [r for r in runs if r.error]
+    for r in bad:
+        print(f"{r.name}: {r.error}")
+    if bad:
+        return 2
+    sw.prepare(spec_, runs, out)
+    for r in runs:
+        h5 = os.path.join(r.folder, "run.h5")
+        if reuse and r.status == "done":
+            print(f"{r.name}: done already", flush=True)
+            continue
+        if os.path.exists(h5):
+            os.remove(h5)
+        t0 = time.perf_counter()
+        with open(os.path.join(r.folder, "stdout.log"), "w") as lo:
+            rc = subprocess.run([sys.executable, "-m", "qprsgd.cli", "run", os.path.join(r.folder, "config.yaml"),
+                                 "--out", r.folder, "--workers", str(M)], stdout=lo, stderr=subprocess.STDOUT).returncode
+        print(f"{r.name}: rc {rc}, {time.perf_counter() - t0:.1f} s", flush=True)
+        if rc:
+            return 1
+    return 0
+
+
+def main_aggregation(a) -> int:
+    """R3 with ``aggregation: reduce_scatter`` at each M of ``--ms`` (in-process workers, modelled
+    time): PR-SGD (K = 4), Q-PR-SGD (K = 4) with allgather and with reduce_scatter."""
+    ok_all = True
+    lines = []
+    for M in [int(m) for m in a.ms.split(",")]:
+        s = spec(1, a.epochs)
+        s["name"] = f"r3_{a.aggregation}_M{M}"
+        s["grid"]["algorithm"] = [{"name": "pr_sgd", "K": 4}, {"name": "qpr_sgd", "K": 4},
+                                  {"name": "qpr_sgd", "K": 4, "aggregation": a.aggregation}]
+        out = os.path.join(a.out, f"M{M}")
+        rc = run_inprocess(s, out, a.reuse, M)
+        if rc:
+            return rc
+        loaded = report.load_runs(out)
+        target = report.choose_target(loaded, a.target)
+        nets = [nw.Network.simple(b, LAT) for b in BWS]
+        summ = report.summarize(loaded, target, nets)
+        rows = {r["label"]: r for r in summ["labels"]}
+        keys = [report.net_name(n) for n in nets]
+        lo, hi = keys[0], keys[-1]
+        lab_pr, lab_ag, lab_rs = [r["label"] for r in loaded]      # the grid's order
+        print(f"\nR3 ({a.aggregation}), M = {M}, MLP [512, 512], target accuracy {target:.4f}, latency 0.1 ms")
+        print(f"{'':24}" + "".join(f"{k.split('/')[0]:>11}" for k in keys) + "   (modelled seconds to target)")
+        for lab in (lab_pr, lab_ag, lab_rs):
+            t = rows[lab]["time"]
+            print(f"{lab:24}" + "".join(f"{'-' if t[k] is None else format(t[k], '.2f'):>11}" for k in keys))
+        t_rs, t_pr = rows[lab_rs]["time"], rows[lab_pr]["time"]
+        if any(v is None for v in (t_rs[lo], t_rs[hi], t_pr[lo])):
+            print("FAIL: a run did not reach the target")
+            ok_all = False
+            continue
+        flat = t_rs[lo] / t_rs[hi]
+        speed = t_pr[lo] / t_rs[lo]
+        # accuracy per round: the evaluations of the two Q-PR-SGD runs at the same rounds
+        ev = {r["label"]: r["log"]["eval"] for r in loaded}
+        ea, er = ev[lab_ag], ev[lab_rs]
+        n = min(len(ea["step"]), len(er["step"]))
+        acc_a, acc_r = np.asarray(ea["test_accuracy"][:n], float), np.asarray(er["test_accuracy"][:n], float)
+        gap = float(np.max(np.abs(acc_r - acc_a)))
+        gap_final = float(abs(acc_r[-1] - acc_a[-1]))
+        c1, c2, c3 = flat <= 1.5, speed >= 3.0, gap_final <= 0.01
+        print(f"criterion: Q-PR-SGD ({a.aggregation}) time(5Mbps)/time(100Mbps) = {flat:.2f} <= 1.5: "
+              f"{'PASS' if c1 else 'FAIL'}")
+        print(f"criterion: PR-SGD / Q-PR-SGD ({a.aggregation}) at 5 Mbps = {speed:.2f} >= 3: {'PASS' if c2 else 'FAIL'}")
+        print(f"criterion: final test accuracy {acc_r[-1]:.4f} vs allgather {acc_a[-1]:.4f}, |gap| = "
+              f"{gap_final:.4f} <= 0.01: {'PASS' if c3 else 'FAIL'} (largest gap at any evaluation: {gap:.4f})")
+        ag = rows[lab_ag]["time"]
+        lines.append(f"| {M} | {target:.4f} | {t_pr[lo]:.2f} / {t_pr[hi]:.2f} | {ag[lo]:.2f} / {ag[hi]:.2f} | "
+                     f"{t_rs[lo]:.2f} / {t_rs[hi]:.2f} | ×{flat:.2f} | {speed:.2f}× | {gap_final:.4f} ({gap:.4f}) |")
+        ok_all = ok_all and c1 and c2 and c3
+    print("\n| M | target | PR-SGD 5 / 100 Mb/s (s) | Q-PR-SGD allgather | Q-PR-SGD " + a.aggregation +
+          " | growth 5→100 | vs PR-SGD at 5 Mb/s | accuracy gap final (max) |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(lines))
+    print(f"R3 ({a.aggregation}):", "PASS" if ok_all else "FAIL")
+    return 0 if ok_all else 1
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--aggregation", default=None, choices=["reduce_scatter", "summable"],
+                    help="R3 again with this aggregation for Q-PR-SGD at each M of --ms (in-process, modelled)")
+    ap.add_argument("--ms", default="4,8,16", help="worker counts for --aggregation (default 4,8,16)")
     ap.add_argument("--ranks", type=int, default=None, help="default 8 (modelled), 4 (--netem)")
     ap.add_argument("--model", choices=sorted(WORKLOADS), default="mlp", help="workload (modelled runs)")
     ap.add_argument("--epochs", type=float, default=None, help="default 6 (modelled), 1 (--netem)")
@@ -105,6 +205,9 @@ def main() -> int:
     if a.netem is not None:
         a.ranks, a.epochs, a.out = a.ranks or 4, a.epochs or 1, a.out or "results/r3_netem"
         return main_netem(a)
+    if a.aggregation is not None:
+        a.epochs, a.out = a.epochs or 6, a.out or f"results/r3_{a.aggregation}"
+        return main_aggregation(a)
     a.ranks, a.epochs, a.out = a.ranks or 8, a.epochs or 6, a.out or f"results/r3_{a.model}"
     data_dir = None
     if WORKLOADS[a.model][2] == "cifar":

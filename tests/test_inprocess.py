@@ -23,7 +23,7 @@ from qprsgd.logger import read
 from qprsgd.registry import ALGORITHMS
 
 # algorithms whose training uses MPI's float Allreduce (its summation order is MPI's choice)
-FLOAT_ALLREDUCE = {"psgd", "pr_sgd", "pasgd", "sgdm"}
+FLOAT_ALLREDUCE = {"psgd", "pr_sgd", "pasgd", "sgdm", "powersgd"}
 
 
 BATCH, STEPS = 4, 5
@@ -54,6 +54,10 @@ def alg_configs(M: int) -> dict:
         "pr_sgd": b({"name": "pr_sgd", "K": 2}),
         "qsgd": b({"name": "qsgd"}),
         "qpr_sgd": b({"name": "qpr_sgd", "K": 2}),
+        "qsgd_rs": b({"name": "qsgd", "aggregation": "reduce_scatter"}),
+        "qpr_sgd_rs": b({"name": "qpr_sgd", "K": 2, "aggregation": "reduce_scatter"}),
+        "qsgd_summable": b({"name": "qsgd", "aggregation": "summable", "levels": 4, "width": 8}),
+        "qpr_sgd_summable": b({"name": "qpr_sgd", "K": 2, "aggregation": "summable", "levels": 4, "width": 8}),
         "dqpr_sgd": b({"name": "dqpr_sgd", "K": 2}, ring),
         "sgdm": b({"name": "sgdm"}),
         "dist_ef_sgd": b({"name": "dist_ef_sgd"}, codec={"name": "qsgd_scaled"}),
@@ -77,6 +81,7 @@ def alg_configs(M: int) -> dict:
         # time-varying topologies (directed one-peer steps; per-pair references with catch-ups)
         "d_psgd_one_peer": b({"name": "d_psgd"}, {"name": "one_peer_exponential"}),
         "dcd_psgd_matcha": b({"name": "dcd_psgd"}, {"name": "matcha", "base": "complete", "budget": 0.5}),
+        "powersgd": b({"name": "powersgd", "rank": 2, "start_steps": 1}),
     }
     return out
 
@@ -144,6 +149,9 @@ def test_inprocess_equals_mpi(M, tmp_path):
         else:
             np.testing.assert_array_equal(pa, pb, err_msg=name)
         assert np.abs(pa - pa[0]).max() > 0 or name in FLOAT_ALLREDUCE | {"qsgd", "qpr_sgd", "signsgd_mv",
+                                                                             "qsgd_rs", "qpr_sgd_rs",
+                                                                             "qsgd_summable",
+                                                                             "qpr_sgd_summable",
                                                                              "signum_mv", "dist_ef_sgd",
                                                                              "dist_ef_blocksgd",
                                                                              "dist_ef_blocksgdm",

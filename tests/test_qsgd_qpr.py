@@ -230,7 +230,8 @@ def test_config_defaults_and_errors():
             assert config.validate({"algorithm": {"name": alg}}).codec.name == "qsgd"
         assert config.validate({"algorithm": {"name": alg}, "codec": ID}).codec.name == "identity"
     c = config.validate({"algorithm": {"name": "qpr_sgd"}, "codec": ID})
-    assert c.algorithm.kwargs() == {"K": 4, "avg_phase": "end"}
+    assert c.algorithm.kwargs() == {"K": 4, "avg_phase": "end", "aggregation": "allgather", "levels": 1,
+                                    "width": 16}
     with pytest.raises(config.ConfigError, match=r"algorithm\.K"):
         config.validate({"algorithm": {"name": "qpr_sgd", "K": 0}, "codec": ID})
     with pytest.raises(config.ConfigError, match=r"algorithm\.avg_phase"):

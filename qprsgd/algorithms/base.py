@@ -31,7 +31,7 @@ class Transport(Protocol):
     Every rank of a group calls the same sequence of operations.  Ranks are ranks of this
     group (0 .. size-1).  Payloads are 1-D uint8 arrays produced by a codec; float buffers are
     contiguous numpy arrays.  Channels name the traffic in the ledger (``peer``, ``up``,
-    ``down``, ``allreduce``, ``allgather``).
+    ``down``, ``allreduce``, ``allgather``, ``alltoall``).
     """
 
     rank: int
@@ -42,6 +42,15 @@ class Transport(Protocol):
 
     def allgather_bytes(self, data, channel: str = "allgather") -> list:
         """Every rank's payload, in rank order."""
+
+    def allreduce_sum_int(self, buf: np.ndarray, channel: str = "allreduce") -> np.ndarray:
+        """In place: buf ← Σ over ranks of a signed-integer buffer (exact; caller rules out overflow)."""
+
+    def allreduce_max(self, values: Sequence[float], channel: str = "allreduce") -> np.ndarray:
+        """Max over ranks of a few float64 values (counted, 8 bytes each)."""
+
+    def alltoall_bytes(self, sends: Sequence, channel: str = "alltoall") -> list:
+        """``sends[j]`` to rank j; the payload from every rank, in rank order."""
 
     def ineighbor_exchange(self, data, neighbors: Sequence[int], channel: str = "peer"):
         """Send ``data`` to each neighbour; ``.wait()`` gives ``{rank: payload}``."""
@@ -91,6 +100,10 @@ class Env:
     weight_decay: float = 0.0
     extra: dict = field(default_factory=dict)  # topology extras (e.g. groups for hierarchical)
     groups: tuple = ()               # transports of the groups ``comm_groups`` asked for (None where not a member)
+    make_codec: Optional[Callable[[int, tuple], Codec]] = None  # the configured codec for another length
+                                     # (d', blocks') -- same name and parameters; reduce_scatter's chunks
+    shapes: tuple = ()               # parameter-tensor shapes (same order as ``blocks``)
+    seed: int = 0                    # the run's seed (for draws every worker must share, e.g. PowerSGD's Q_0)
 
     @property
     def rank(self) -> int:
@@ -141,6 +154,12 @@ class Algorithm:
         workers' group; the experiment builds a transport for each (``env.groups``, same order).
         Pure: decided from the topology and the roles alone.  Default: none."""
         return []
+
+    @classmethod
+    def codec_refusal(cls, params) -> Optional[str]:
+        """Why the ``codec`` section does not apply to this algorithm with these (validated)
+        parameters, or None when it does (``uses_codec`` algorithms only; config.validate)."""
+        return None
 
     def step(self, t: int, lr: float, grad: Optional[GradFn]) -> None:  # pragma: no cover
         raise NotImplementedError

@@ -11,9 +11,10 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..registry import ALGORITHMS
+from .aggregation import WIDTHS, make_aggregator
 from .base import Algorithm
 
 
@@ -89,20 +90,49 @@ class PRSGD(Algorithm):
             self.rounds += 1
 
 
-def _mean_decoded(codec, payloads, d: int) -> np.ndarray:
-    """(1/M) Σ_j decode(payload_j): decoded in rank order 0..M−1, summed in that order in float32,
-    then divided by M, so every worker computes the identical vector.  Each payload is decoded
-    into one reused scratch buffer (``decode(p, out=buf)``): no fresh d-vector per payload."""
-    acc = np.zeros(d, dtype=np.float32)
-    buf = np.empty(d, dtype=np.float32)
-    for p in payloads:
-        acc += codec.decode(p, out=buf)
-    acc /= np.float32(len(payloads))
-    return acc
+class AggregationParams(_Params):
+    aggregation: Literal["allgather", "reduce_scatter", "summable"] = Field(
+        "allgather", description="how the workers' compressed vectors are averaged: allgather (the "
+        "papers' equations), reduce_scatter (encoded chunks, re-encoded partial sums) or summable "
+        "(shared integer grid, integer all-reduce; no codec) -- docs/algorithms-allreduce.md")
+    levels: int = Field(1, ge=1, description="summable only: grid levels L per sign (codes -L..L)")
+    width: int = Field(16, description="summable only: bits of each integer code in the all-reduce "
+                       "(8, 16, 32, 64); M·levels must fit")
+
+    @model_validator(mode="after")
+    def _check_aggregation(self):
+        if self.width not in WIDTHS:
+            raise ValueError(f"width must be one of {WIDTHS}, got {self.width!r}")
+        if self.aggregation != "summable":
+            # (defaults are tolerated: the normalized config lists every key)
+            extra = sorted(k for k in ("levels", "width")
+                           if getattr(self, k) != type(self).model_fields[k].default)
+            if extra:
+                raise ValueError(f"{', '.join('algorithm.' + k for k in extra)} only apply with "
+                                 f"algorithm.aggregation = 'summable' (got aggregation = {self.aggregation!r})")
+        return self
 
 
-@ALGORITHMS.register("qsgd")
-class QSGD(Algorithm):
+class _Aggregating(Algorithm):
+    """The compressed all-reduce family: the mean of the workers' vectors via ``aggregation``."""
+
+    uses_codec = True
+    default_codec = "qsgd"
+
+    @classmethod
+    def codec_refusal(cls, params):
+        if params is not None and params.aggregation == "summable":
+            return ("algorithm.aggregation = 'summable' quantizes onto its own shared integer grid "
+                    "(algorithm.levels, algorithm.width), not with a codec")
+        return None
+
+    def _init_aggregation(self, aggregation: str, levels: int, width: int) -> None:
+        self.aggregation = aggregation
+        self.agg = make_aggregator(aggregation, self.env, levels, width) if self.env.worker_comm is not None else None
+
+
+@ALGORITHMS.register("qsgd", params=AggregationParams)
+class QSGD(_Aggregating):
     """Quantized SGD, all-reduce paradigm (quantized-pr-sgd §3.2, eq. (2)–(3), L65–76; Alistarh et al.).
 
     PSGD with compressed gradients.  Each step, on every worker i:
@@ -113,30 +143,32 @@ class QSGD(Algorithm):
       4. ḡ = (1/M) Σ_j decode(q_j)                (rank order 0..M−1, float32, then ÷M)
       5. x ← x − γ ḡ                              (identical on every worker)
     The codec defaults to ``qsgd`` with its own default level s = ⌈√d⌉ (quantized-pr-sgd L265).
-    One communication round per step.
+    One communication round per step.  Steps 2–4 are ``aggregation`` (default ``allgather``,
+    exactly the above; ``reduce_scatter`` / ``summable``: qprsgd/algorithms/aggregation.py).
     """
 
     name = "qsgd"
-    uses_codec = True
-    default_codec = "qsgd"
+
+    def __init__(self, x, env, aggregation: str = "allgather", levels: int = 1, width: int = 16):
+        super().__init__(x, env)
+        self._init_aggregation(aggregation, levels, width)
 
     def step(self, t, lr, grad):
         env = self.env
         g = self._wd(grad())                                             # 1.
-        q = env.codec.encode(g, env.rng)                                 # 2.
-        received = env.worker_comm.allgather_bytes(q.data, "allgather")  # 3.
-        g_bar = _mean_decoded(env.codec, received, env.d)                # 4.
+        g_bar = self.agg.mean(env.worker_comm, g, env.rng)               # 2.–4. (allgather: encode,
+        #                                                                  send to all, decode, mean)
         self.x -= np.float32(lr) * g_bar                                 # 5.
         self.rounds += 1
 
 
-class QPRSGDParams(_Params):
+class QPRSGDParams(AggregationParams):
     K: int = Field(4, ge=1, description="local steps per synchronization round")
     avg_phase: Literal["end", "k0"] = "end"
 
 
 @ALGORITHMS.register("qpr_sgd", params=QPRSGDParams)
-class QPRSGD(Algorithm):
+class QPRSGD(_Aggregating):
     """Quantized-PR-SGD, all-reduce paradigm (quantized-pr-sgd Algorithm 1, L114; ALGORITHMS.md §A).
 
     Worker m, round n (lines as numbered in the paper's box):
@@ -171,12 +203,12 @@ class QPRSGD(Algorithm):
     """
 
     name = "qpr_sgd"
-    uses_codec = True
-    default_codec = "qsgd"
 
-    def __init__(self, x, env, K: int = 4, avg_phase: str = "end"):
+    def __init__(self, x, env, K: int = 4, avg_phase: str = "end", aggregation: str = "allgather",
+                 levels: int = 1, width: int = 16):
         super().__init__(x, env)
         self.K, self.avg_phase = check_period(K, avg_phase)
+        self._init_aggregation(aggregation, levels, width)
         self.x_tilde = None if x is None else x.copy()   # x̃_1 = x_0 (identical on every worker)
 
     def step(self, t, lr, grad):
@@ -186,9 +218,9 @@ class QPRSGD(Algorithm):
         self.x -= np.float32(lr) * g                                     # 5. x_{n;k+1}
         if not is_round_end(t, self.K, self.avg_phase):
             return
-        q = env.codec.encode(self.x_tilde - self.x, env.rng)             # 7. g_n = Q(x_{n;0} − x_{n;K})
-        received = env.worker_comm.allgather_bytes(q.data, "allgather")  # 8.–9. send g_n, receive all g^(j)
-        delta = _mean_decoded(env.codec, received, env.d)                # 9. Δ = (1/M) Σ_j g^(j)
+        # 7.–9. g_n = Q(x_{n;0} − x_{n;K}); send g_n, receive all g^(j); Δ = (1/M) Σ_j g^(j)
+        # (``aggregation``: allgather is exactly these lines; reduce_scatter / summable replace them)
+        delta = self.agg.mean(env.worker_comm, self.x_tilde - self.x, env.rng)
         self.x_tilde -= delta                                            # 10. x̃_{n+1} = x̃_n − Δ
         self.x[...] = self.x_tilde                                       # 2. (next round) x_{n+1;0} = x̃_{n+1}
         self.rounds += 1
