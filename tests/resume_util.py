@@ -54,6 +54,16 @@ def kill_after_checkpoint(n: int, cfg_path: Path, out_dir: Path, min_step: int, 
             p.wait()
 
 
+def assert_same_run(got_h5: Path, reference_h5: Path) -> None:
+    """The resumed run's final parameters and logged rows equal the uninterrupted run's, bit for bit."""
+    got, ref = read(str(got_h5)), read(str(reference_h5))
+    np.testing.assert_array_equal(got["final"]["params"], ref["final"]["params"])
+    for k in ("step", "bits_sent", "bits_up", "bits_down", "messages", "rounds", "train_loss"):
+        np.testing.assert_array_equal(got["metrics"][k], ref["metrics"][k], err_msg=k)
+    for k in ("step", "test_loss", "test_accuracy", "bits_sent"):
+        np.testing.assert_array_equal(got["eval"][k], ref["eval"][k], err_msg=k)
+
+
 def check_kill_resume(n: int, cfg: dict, tmp_path: Path, name: str, reference_h5: Path, min_step: int,
                       mpi: bool = False, damage_log: str = ""):
     """Kill a run after a checkpoint, check its log is readable, resume; final params and the
@@ -77,12 +87,7 @@ def check_kill_resume(n: int, cfg: dict, tmp_path: Path, name: str, reference_h5
         p = subprocess.run(_cmd(n, args, False), capture_output=True, text=True, env=mpi_env(), cwd=ROOT,
                            timeout=180)
         assert p.returncode == 0, p.stderr[-3000:]
-    got, ref = read(str(out_dir / "run.h5")), read(str(reference_h5))
-    np.testing.assert_array_equal(got["final"]["params"], ref["final"]["params"])
-    for k in ("step", "bits_sent", "bits_up", "bits_down", "messages", "rounds", "train_loss"):
-        np.testing.assert_array_equal(got["metrics"][k], ref["metrics"][k], err_msg=k)
-    for k in ("step", "test_loss", "test_accuracy", "bits_sent"):
-        np.testing.assert_array_equal(got["eval"][k], ref["eval"][k], err_msg=k)
+    assert_same_run(out_dir / "run.h5", reference_h5)
     return step
 
 
@@ -109,10 +114,5 @@ def check_stop_resume(n: int, cfg: dict, tmp_path: Path, name: str, reference_h5
     partial = read(str(out_dir / "run.h5"))
     assert "final" not in partial
     inprocess(n, ["run", cfg_path, "--out", out_dir, "--resume"])
-    got, ref = read(str(out_dir / "run.h5")), read(str(reference_h5))
-    np.testing.assert_array_equal(got["final"]["params"], ref["final"]["params"])
-    for k in ("step", "bits_sent", "bits_up", "bits_down", "messages", "rounds", "train_loss"):
-        np.testing.assert_array_equal(got["metrics"][k], ref["metrics"][k], err_msg=k)
-    for k in ("step", "test_loss", "test_accuracy", "bits_sent"):
-        np.testing.assert_array_equal(got["eval"][k], ref["eval"][k], err_msg=k)
+    assert_same_run(out_dir / "run.h5", reference_h5)
     return latest["step"]
