@@ -252,6 +252,8 @@ def cmd_run(args) -> int:
 
 def cmd_run_mpi(args) -> int:
     """One MPI rank per worker (mpiexec / srun); Ctrl-C ends it with one line (``_interrupted``)."""
+    from . import interrupt
+    interrupt.install()     # Ctrl-C is never lost in a finalizer nor raised mid-write
     env = dict(os.environ)   # as the launcher set it, before MPI initialises (Open MPI adds variables)
     from .comm import world
     w = world()
@@ -293,47 +295,65 @@ def _cmd_run_mpi(args, w, env: dict) -> int:
 
 
 INTERRUPT_MARK = ".interrupted"
-"""Created (O_EXCL) in the run folder by the first rank that handles Ctrl-C: that rank alone prints."""
+"""Created in the run folder by rank 0 once it has closed run.h5 and printed the Ctrl-C line: the
+other ranks wait for it before they exit (a rank that exits first makes mpiexec kill the rest,
+rank 0 included, possibly halfway through closing the log)."""
+
+INTERRUPT_WAIT = 15.0
+"""Seconds a rank other than 0 waits for rank 0's :data:`INTERRUPT_MARK` after Ctrl-C; past it,
+that rank prints the line itself (rank 0 never got to it) and exits."""
 
 
 def _interrupted(rank: int, size: int, out, step, total, mpi: bool = True) -> int:
-    """Ctrl-C (SIGINT, which mpiexec forwards to every rank): one line, from one rank, then exit 130.
+    """Ctrl-C (SIGINT, which mpiexec forwards to every rank): one line, from rank 0, then exit 130.
 
-    Every row the logger had flushed is in run.h5 (rank 0 flushes its buffered rows first; HDF5
-    writes hold Ctrl-C back until they are whole) and the last complete checkpoint stays valid.
-    Under MPI the rank leaves with ``os._exit(130)``, without MPI_Finalize: a rank still blocked
-    inside an MPI call would never get there, and mpiexec ends the remaining ranks itself.
-    In-process (``mpi=False``) the one process prints and returns 130."""
+    Every row the logger had flushed is in run.h5 (rank 0 flushes its buffered rows and closes the
+    file before it gets here; HDF5 writes hold Ctrl-C back until they are whole) and the last
+    complete checkpoint stays valid.  Under MPI each rank leaves with ``os._exit(130)``, without
+    MPI_Finalize (a rank still blocked inside an MPI call would never get there); rank 0 goes
+    first, the others wait (at most :data:`INTERRUPT_WAIT` s) for its mark, so that the launcher
+    cannot kill rank 0 while it closes the log.  In-process (``mpi=False``) the one process
+    prints and returns 130."""
     from . import checkpoint as ckpt
-    where = f" at step {step}" + (f" of {total}" if total else "") if step is not None else ""
-    msg = f"qprsgd: interrupted (Ctrl-C){where}"
-    if out:
-        info = ckpt.latest(out)
-        msg += f"; {os.path.join(out, 'run.h5')} keeps every row logged so far"
-        if info is not None:
-            launch = f"mpiexec -n {size} qprsgd run" if mpi else "qprsgd run"
-            tail = "" if mpi else f" --workers {size}"
-            msg += (f"; last checkpoint: step {info['step']}; continue with: {launch} "
-                    f"{os.path.join(out, 'config.yaml')} --out {out} --resume{tail}")
-        else:
-            msg += "; no checkpoint was written (train.checkpoint_every), so --resume would have nothing to start from"
-    first = rank == 0
-    if out and size > 1 and mpi:
-        try:
-            fd = os.open(os.path.join(out, INTERRUPT_MARK), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            os.write(fd, (msg + "\n").encode())
-            os.close(fd)
-            first = True
-        except FileExistsError:
-            first = False
-        except OSError:
-            pass
-    if first:
-        print(msg, file=sys.stderr, flush=True)
+
+    def message() -> str:
+        where = f" at step {step}" + (f" of {total}" if total else "") if step is not None else ""
+        msg = f"qprsgd: interrupted (Ctrl-C){where}"
+        if out:
+            info = ckpt.latest(out)
+            msg += f"; {os.path.join(out, 'run.h5')} keeps every row logged so far"
+            if info is not None:
+                launch = f"mpiexec -n {size} qprsgd run" if mpi else "qprsgd run"
+                tail = "" if mpi else f" --workers {size}"
+                msg += (f"; last checkpoint: step {info['step']}; continue with: {launch} "
+                        f"{os.path.join(out, 'config.yaml')} --out {out} --resume{tail}")
+            else:
+                msg += ("; no checkpoint was written (train.checkpoint_every), so --resume would "
+                        "have nothing to start from")
+        return msg
+
+    if not (size > 1 and mpi):
+        print(message(), file=sys.stderr, flush=True)
+        return 130
+    if rank == 0:
+        print(message(), file=sys.stderr, flush=True)
+        if out:
+            try:
+                with open(os.path.join(out, INTERRUPT_MARK), "w") as f:
+                    f.write("interrupted\n")
+            except OSError as exc:      # the folder vanished: the others time out and exit
+                print(f"qprsgd: could not write {INTERRUPT_MARK} in {out}: {exc}", file=sys.stderr, flush=True)
+    elif out:
+        mark = os.path.join(out, INTERRUPT_MARK)
+        deadline = time.monotonic() + INTERRUPT_WAIT
+        while not os.path.exists(mark) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not os.path.exists(mark):
+            print(message() + f" (rank {rank}: rank 0 did not report within {INTERRUPT_WAIT:.0f} s)",
+                  file=sys.stderr, flush=True)
     sys.stdout.flush()
-    if size > 1 and mpi:
-        os._exit(130)
-    return 130
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def topology_report(cfg, M: int) -> str:

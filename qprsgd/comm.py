@@ -28,12 +28,14 @@ from __future__ import annotations
 import os
 import sys
 import time
+import traceback
 from typing import Optional, Sequence
 
 import numpy as np
 
 from mpi4py import MPI
 
+from . import interrupt
 from .transport import Ledger, Request, TransportBase, TransportError  # noqa: F401 (re-export)
 
 
@@ -41,6 +43,7 @@ class TransportTimeout(TransportError):
     """A wait outlived ``run.timeout``."""
 
 
+_ABORT_DRAIN = 0.2   # seconds a failing rank waits for its report to reach the launcher
 _GRACE = 3.0          # seconds a timed-out rank listens for the others' announcements
 _ALIVE_TAG = 31_999   # side-communicator tag of "I timed out too" announcements
 
@@ -61,12 +64,24 @@ def install_abort_on_error(mpi_comm) -> None:
 
     def hook(etype, value, tb):
         try:
-            sys.stderr.write(f"[qprsgd] rank {mpi_comm.Get_rank()} of {mpi_comm.Get_size()} failed:\n")
-            prev(etype, value, tb)
-            sys.stderr.flush()
-            sys.stdout.flush()
+            # One write of the whole report, then a short pause: MPI_Abort makes the launcher kill
+            # every process, and a report written in pieces could lose its tail on the way through
+            # the launcher's stdio forwarding (seen with MPICH's hydra: the header arrived, the
+            # traceback did not).
+            head = f"[qprsgd] rank {mpi_comm.Get_rank()} of {mpi_comm.Get_size()} failed:\n"
+            if prev is sys.__excepthook__:
+                text = head + "".join(traceback.format_exception(etype, value, tb))
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.write(2, text.encode("utf-8", "replace"))
+            else:
+                sys.stderr.write(head)
+                prev(etype, value, tb)
+                sys.stderr.flush()
+                sys.stdout.flush()
         finally:
             if mpi_comm.Get_size() > 1:
+                time.sleep(_ABORT_DRAIN)
                 mpi_comm.Abort(1)
 
     hook._qprsgd_abort = True
@@ -74,8 +89,11 @@ def install_abort_on_error(mpi_comm) -> None:
 
 
 def abort(mpi_comm, code: int = 1) -> None:
+    """Flush, give the launcher a moment to forward what was printed, then abort the job."""
     sys.stdout.flush()
     sys.stderr.flush()
+    if mpi_comm.Get_size() > 1:
+        time.sleep(_ABORT_DRAIN)
     mpi_comm.Abort(code)
 
 
@@ -160,6 +178,8 @@ class Comm(TransportBase):
             if self.poll_sleep > 0.0:
                 time.sleep(self.poll_sleep)
             n += 1
+            if (n & 255) == 0:
+                interrupt.check()
             if deadline is not None and (n & 255) == 0 and time.monotonic() > deadline:
                 pending = [p for r, p in zip(reqs, peers) if not r.Test()] if peers else []
                 raise TransportTimeout(
@@ -188,6 +208,8 @@ class Comm(TransportBase):
                 if self.poll_sleep > 0.0:
                     time.sleep(self.poll_sleep)
                 n += 1
+                if (n & 255) == 0:
+                    interrupt.check()
                 if deadline is not None and (n & 255) == 0 and time.monotonic() > deadline:
                     raise TransportTimeout(
                         f"rank {self.rank} of {self.size}: receive from rank {source} did not complete "

@@ -14,14 +14,13 @@ duplicated and a damaged or deleted run.h5 does not lose the run.
 from __future__ import annotations
 
 import os
-import signal
-import threading
 import time
-from contextlib import contextmanager
 from typing import Optional
 
 import h5py
 import numpy as np
+
+from .interrupt import deferred
 
 SCHEMA_VERSION = 1
 
@@ -60,20 +59,6 @@ EVAL_COLUMNS = {
 
 CHANNELS = ("allreduce", "allgather", "alltoall", "peer", "up", "down", "other")
 """Columns of ``metrics/channel_bytes`` and ``metrics/channel_messages`` (see qprsgd/comm.py)."""
-
-
-@contextmanager
-def _sigint_deferred():
-    """Hold back Ctrl-C (SIGINT) while a write is half done: the signal stays pending and Python
-    raises KeyboardInterrupt right after the block, so the file always holds whole rows."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _open_write(path: str, mode: str):
@@ -162,7 +147,7 @@ class Logger:
 
     # -- writing ---------------------------------------------------------------------------
     def set_attrs(self, **attrs) -> None:
-        with _sigint_deferred():
+        with deferred():
             f = self._plain()
             for k, v in attrs.items():
                 f.attrs[k] = v
@@ -170,7 +155,7 @@ class Logger:
 
     def write_array(self, name: str, data: np.ndarray, attrs: Optional[dict] = None) -> None:
         """Write (or replace) a whole dataset, e.g. ``topology/W`` or ``final/params``."""
-        with _sigint_deferred():
+        with deferred():
             f = self._plain()
             if name in f:
                 del f[name]
@@ -185,7 +170,7 @@ class Logger:
         extra = set(row) - set(cols)
         if missing or extra:
             raise ValueError(f"logger.record({group}): missing {sorted(missing)}, unknown {sorted(extra)}")
-        with _sigint_deferred():        # a row and its per-rank columns are buffered together
+        with deferred():        # a row and its per-rank columns are buffered together
             self._buf[group].append(row)
             if group == "metrics":
                 self._buf["per_rank"].append(per_rank)
@@ -195,7 +180,7 @@ class Logger:
     def flush(self) -> None:
         if not any(self._buf.values()):
             return
-        with _sigint_deferred():
+        with deferred():
             f = self._swmr()
             for group, cols in (("metrics", METRIC_COLUMNS), ("eval", EVAL_COLUMNS)):
                 rows = self._buf[group]

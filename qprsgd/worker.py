@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from . import interrupt
 from .divergence import Detector
 from .experiment import Experiment
 from .logger import CHANNELS
@@ -228,6 +229,7 @@ class Loop:
         while self.t < e.total_steps:
             if stop_after is not None and self.t >= stop_after:
                 return
+            interrupt.check()    # a Ctrl-C whose exception a finalizer swallowed
             lr = e.lr_at(self.t)
             t0 = time.perf_counter()
             e.algorithm.step(self.t, lr, grad)

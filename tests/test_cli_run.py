@@ -25,13 +25,16 @@ TINY = {"seed": 0, "run": {"progress": False},
         "topology": {"name": "complete"}}
 
 DRIVER = """
-import sys
+import json, os, sys
 from qprsgd.cli import main
-cfg, done, changed = sys.argv[1:4]
-print("RC", main(["run", cfg, "--out", done]), flush=True)
-print("RC", main(["run", cfg, "--out", done, "--resume"]), flush=True)
-print("RC", main(["run", cfg, "--out", changed, "--resume", "--set", "train.lr=0.5",
-                  "--set", "model.name=mlp", "--set", "model.hidden=[8]"]), flush=True)
+cfg, done, changed, res = sys.argv[1:5]
+rcs = [main(["run", cfg, "--out", done]),
+       main(["run", cfg, "--out", done, "--resume"]),
+       main(["run", cfg, "--out", changed, "--resume", "--set", "train.lr=0.5",
+             "--set", "model.name=mlp", "--set", "model.hidden=[8]"])]
+from mpi4py import MPI      # already initialised by the first run
+with open(os.path.join(res, f"rc.{MPI.COMM_WORLD.Get_rank()}"), "w") as f:
+    json.dump(rcs, f)      # a file per rank: the ranks' stdout lines may interleave
 """
 
 
@@ -41,9 +44,9 @@ def test_warnings_and_resume_messages(tmp_path):
     done, changed = tmp_path / "done", tmp_path / "changed"
     changed.mkdir()                 # a run folder whose saved config is the original one
     (changed / "config.yaml").write_text(config.load(str(cfgp), []).to_yaml())
-    rc, out, err = mpirun(2, ["-c", DRIVER, cfgp, done, changed], timeout=180)
-    rcs = [int(line.split()[1]) for line in out.splitlines() if line.startswith("RC ")]
-    assert sorted(rcs) == [0] * 2 + [2] * 4, out + err        # each of the 2 ranks: 0, 2, 2
+    rc, out, err = mpirun(2, ["-c", DRIVER, cfgp, done, changed, tmp_path], timeout=180)
+    rcs = [json.loads((tmp_path / f"rc.{r}").read_text()) for r in range(2)]
+    assert rcs == [[0, 2, 2]] * 2, out + err        # each rank: done, finished, config differs
     # run prints topo's pre-flight warning (2-bit rounding breaks DCD-PSGD's Theorem 1), once
     assert err.count("qprsgd: WARNING: DCD-PSGD Theorem 1 condition broken") == 1, err
     # resuming a finished run says so
