@@ -131,6 +131,7 @@ class Comm(TransportBase):
         self.size = mpi_comm.Get_size()
         # side channel for failure diagnosis only (bounded runs): a collective Dup now
         self._side = mpi_comm.Dup() if self.timeout is not None and self.size > 1 else None
+        self._inflight: list = []    # posted iallreduce_sum requests, for progress()
         self._init_base(ledger)
 
     # -- bounded waiting ---------------------------------------------------------------------
@@ -223,6 +224,19 @@ class Comm(TransportBase):
             self.mpi.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
         else:
             self._wait([self.mpi.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)], "allreduce")
+
+    def _iallreduce_post(self, buf):
+        req = self.mpi.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        self._inflight.append(req)
+        return req
+
+    def _iallreduce_wait(self, req) -> None:
+        self._wait([req], "allreduce (bucket)")
+        self._inflight = [r for r in self._inflight if r is not req]
+
+    def progress(self) -> None:
+        if self._inflight:
+            MPI.Request.Testall(self._inflight)
 
     def _allgather_payloads(self, data) -> list[np.ndarray]:
         # sizes by Allgather; payloads point-to-point, all posted at once.  Measured

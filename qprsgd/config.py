@@ -148,6 +148,11 @@ class TrainConfig(_Strict):
     eval_every: int = Field(50, ge=1, description="steps between evaluations (also at the end)")
     log_every: int = Field(10, ge=1, description="steps per metrics row")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = never")
+    bucket_mb: float = Field(
+        1.0, ge=0, le=1024, allow_inf_nan=False,
+        description="gradient bucket size in MB (2^20 bytes of float32): algorithms that communicate "
+                    "every step (psgd, sgdm) start each bucket's all-reduce as backward produces it; "
+                    "0 = one bucket after backward.  Same iterates either way (docs/performance.md)")
     target_accuracy: Optional[float] = Field(None, gt=0, le=1, description="for reports: time/bits to this accuracy")
 
     @model_validator(mode="after")

@@ -100,6 +100,10 @@ class HostMirror:
         if self.on_gpu:
             self.flat.flat.copy_(torch.from_numpy(self.x))
 
+    def host_grad(self) -> np.ndarray:
+        """The host array :meth:`grad_to_host` fills and returns (the same object every step)."""
+        return self._g if self.on_gpu else self.flat.grad_numpy()
+
     def grad_to_host(self) -> np.ndarray:
         if self.on_gpu:
             self._g[...] = self.flat.grad.detach().cpu().numpy()

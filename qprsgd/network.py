@@ -284,7 +284,9 @@ def row_terms(log: dict) -> RowTerms:
     over ranks), the run's roles (attrs ``workers``, ``server``, ``world_size``) and, for the
     ``peer`` channel, the degrees of ``topology/W``.  Per channel (Δb bytes, Δm messages):
 
-    * allreduce: c = Δm/M calls of n = Δb/Δm bytes: L = 2(M−1)c, N = 2(M−1)/M · n c.
+    * allreduce: c = Δm/M calls of n = Δb/Δm bytes: L = 2(M−1)c, N = 2(M−1)/M · n c.  A step
+      whose gradient went in buckets (``train.bucket_mb``) is c calls, one per bucket, each
+      charged in full: the model gives no credit for the part hidden behind backward.
     * allgather: c = Δm/M calls of Σn = Δb/c bytes: L = (M−1)c, N = (M−1)/M · Δb
       (mean payload for min n: exact for equal payloads; the log holds no per-call minimum).
     * alltoall: c = Δm/(M(M−1)) calls: L = (M−1)c, N = Δb/M (the mean rank's sent bytes: exact

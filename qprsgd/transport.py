@@ -193,6 +193,42 @@ class TransportBase:
             buf /= self.size
         return buf
 
+    def iallreduce_sum(self, buf: np.ndarray, channel: str = "allreduce") -> Request:
+        """Non-blocking, in place: post buf ← Σ over the group now; ``wait()`` completes it and
+        returns ``buf``.  ``buf`` must not be touched until then.  Used per gradient bucket while
+        backward still runs (issue 16): every rank posts the same sequence, waits in any order.
+
+        Counted like :meth:`allreduce_mean` (this rank's buffer once, at the post).  The seconds
+        counted are the *exposed* ones, posting plus waiting; time the reduction spent in flight
+        behind computation is not communication time the step waited for."""
+        if not buf.flags.c_contiguous:
+            raise ValueError("iallreduce_sum needs a contiguous buffer")
+        handle = None
+        with self._timed():
+            if self.size > 1:
+                handle = self._iallreduce_post(buf)
+                self._count(channel, buf.nbytes)
+
+        def finish():
+            if handle is not None:
+                with self._timed():
+                    self._iallreduce_wait(handle)
+            return buf
+        return Request(finish)
+
+    def progress(self) -> None:
+        """Let posted non-blocking operations advance.  MPI without an asynchronous progress
+        thread moves a non-blocking collective only inside MPI calls: the worker loop calls this
+        from its gradient hooks while backward runs.  Not timed (it returns at once)."""
+
+    # backend primitives of iallreduce_sum; default: the blocking reduction at the post
+    def _iallreduce_post(self, buf):
+        self._allreduce_sum(buf)
+        return None
+
+    def _iallreduce_wait(self, handle) -> None:
+        pass
+
     def allreduce_sum_int(self, buf: np.ndarray, channel: str = "allreduce") -> np.ndarray:
         """In place: buf ← Σ over the group of a contiguous signed-integer buffer; returns ``buf``.
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import interrupt
+from .buckets import GradBuckets
 from .divergence import Detector
 from .experiment import Experiment
 from .logger import CHANNELS
@@ -42,6 +43,12 @@ class Loop:
         self._reset_row()
         self.last_eval: Optional[dict] = None
         self.divergence = Detector()  # raises divergence.Diverged on every rank at the same row
+        # gradient buckets (train.bucket_mb): hooks on the parameters hand the flat gradient to an
+        # algorithm that asks for it (grad(on_bucket=...)) range by range as backward produces it
+        wc = exp.algorithm.env.worker_comm
+        self.buckets = GradBuckets(exp.flat.params, exp.flat.blocks,
+                                   int(exp.cfg.train.bucket_mb * 2 ** 20), hooks=not exp.mirror.on_gpu,
+                                   poke=wc.progress if wc is not None else None)
 
     # -- accounting (the ledger is the only source of bytes and seconds) ------------------------
     def _reset_row(self):
@@ -70,8 +77,16 @@ class Loop:
         e = self.exp
         lossf = loss_fn(e.module)
 
-        def grad():
+        led = e.ledger
+
+        def grad(on_bucket=None):
+            """The stochastic gradient at the current x on this step's batch (a float32 host
+            vector, the flat gradient buffer itself on the CPU).  ``on_bucket(g, lo, hi)``: called
+            for each bucket of :attr:`buckets` as soon as g[lo:hi] is final (``g`` the vector
+            grad() will return) -- during backward on the CPU, in bucket order, every bucket
+            exactly once before grad() returns."""
             t0 = time.perf_counter()
+            other0 = led.comm_seconds + led.codec_seconds
             idx, _ = e.stream.next()
             gi = torch.from_numpy(e.train_idx[idx]).to(self.x_train.device)
             xb, yb = self.x_train[gi], self.y_train[gi]
@@ -80,11 +95,23 @@ class Loop:
             e.flat.zero_grad()
             out = e.module(xb)
             loss = lossf(out, yb)
-            loss.backward()
+            if on_bucket is not None:
+                host = e.mirror.host_grad()
+                self.buckets.begin(lambda lo, hi: on_bucket(host, lo, hi))
+            try:
+                loss.backward()
+            except BaseException:
+                self.buckets.abort()
+                raise
             self.row_loss += float(loss.detach())
             self.row_loss_n += 1
-            self.row_compute += time.perf_counter() - t0
-            return e.mirror.grad_to_host()
+            g = e.mirror.grad_to_host()
+            if on_bucket is not None:
+                self.buckets.end()
+            # compute time: without what the buckets' transport and codec work took meanwhile
+            self.row_compute += (time.perf_counter() - t0
+                                 - (led.comm_seconds + led.codec_seconds - other0))
+            return g
 
         return grad
 

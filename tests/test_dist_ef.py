@@ -21,6 +21,7 @@ import pytest
 
 from conftest import final_params, run_many
 from qprsgd.algorithms.base import Env
+from qprsgd.buckets import oracle
 from qprsgd.algorithms.dist_ef import (EFSGD, SGDM, DistEFBlockSGD, DistEFBlockSGDM, DistEFSGD, DistEFSGDM,
                                        SignSGDMV, SignumMV, majority_vote, pack_signs, unpack_signs)
 from qprsgd.inprocess import LocalCluster, LocalTransport
@@ -77,7 +78,7 @@ class Cluster:
             g = synthetic_grad(i, t, self.algs[r].x)
             self.last_g[i] = g.copy()
             return g
-        return grad
+        return oracle(grad)
 
     @property
     def log(self):

@@ -167,7 +167,8 @@ def test_retime_reproduces_measured_comm(tmp_path):
 
     def cfg(hidden, alg):
         return {"seed": 1, "run": {"progress": False},
-                "train": {"epochs": 1, "batch_size": 16, "lr": 0.05, "eval_every": 1000, "log_every": 1},
+                "train": {"epochs": 1, "batch_size": 16, "lr": 0.05, "eval_every": 1000, "log_every": 1,
+                          "bucket_mb": 0},     # one all-reduce per step (the bookkeeping below)
                 "model": {"name": "mlp", "hidden": hidden},
                 "data": {"name": "digits", "params": {"max_train": 320, "max_test": 50}}, "algorithm": alg}
     # messages of 4.6 MB (big, pr4) and 0.3 MB (small): large enough that transfer, not timer

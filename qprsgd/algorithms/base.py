@@ -123,7 +123,12 @@ class Env:
         return self.workers.index(self.comm.rank)
 
 
-GradFn = Callable[[], np.ndarray]
+GradFn = Callable[..., np.ndarray]
+"""``grad()`` -> the stochastic gradient g (float32, length d).  ``grad(on_bucket=f)``: also
+call ``f(g, lo, hi)`` for each gradient bucket as soon as g[lo:hi] is final -- during backward,
+in the same bucket order on every rank, each bucket once before grad() returns (qprsgd/buckets.py;
+``train.bucket_mb``).  An algorithm that communicates every step starts its transport there.
+g is the algorithm's scratch until its next call: it may be overwritten in place."""
 
 
 class Algorithm:
@@ -173,6 +178,18 @@ class Algorithm:
         if self.env.weight_decay:
             g = g + self.env.weight_decay * self.x
         return g
+
+    def _wd_into(self, g: np.ndarray, lo: int, hi: int) -> None:
+        """In place on g[lo:hi]: the same float32 result as :meth:`_wd` (g + fl(λx)), through a
+        scratch vector allocated once (no per-step temporaries of size d)."""
+        lam = self.env.weight_decay
+        if not lam:
+            return
+        if getattr(self, "_wd_scratch", None) is None:
+            self._wd_scratch = np.empty(self.env.d, dtype=np.float32)
+        s = self._wd_scratch[lo:hi]
+        np.multiply(self.x[lo:hi], lam, out=s)
+        g[lo:hi] += s
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit-identically (numpy arrays and scalars only)."""

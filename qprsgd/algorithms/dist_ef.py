@@ -93,7 +93,9 @@ class SGDM(Algorithm):
       3. z_{t,i} = μ m_{t,i} + g_{t,i}
       4. z̄_t = (1/M) Σ_i z_{t,i}                               (all-reduce mean, channel "allreduce")
       5. x_{t+1} = x_t − η_t z̄_t
-    32d bits per worker per step are handed to MPI (one float32 all-reduce).
+    32d bits per worker per step are handed to MPI (float32 all-reduces, one per gradient bucket:
+    lines 1–4 run per bucket while backward produces the gradient; the 1/M is folded into line
+    5's step size, as ``psgd``).
     """
 
     name = "sgdm"
@@ -104,14 +106,27 @@ class SGDM(Algorithm):
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         self.mu = np.float32(momentum)
         self.m = np.zeros(env.d, dtype=np.float32)
+        self._z = np.zeros(env.d, dtype=np.float32)        # scratch for z_t (no per-step temporary)
 
     def step(self, t, lr, grad):
-        g = self._wd(grad())                               # 1.
-        self.m *= self.mu                                  # 2. m_t = μ m_{t−1} + g_t
-        self.m += g
-        z = self.mu * self.m + g                           # 3.
-        self.env.worker_comm.allreduce_mean(z)             # 4.
-        self.x -= np.float32(lr) * z                       # 5.
+        comm = self.env.worker_comm
+        z = self._z
+        pending = []
+
+        def bucket(g, lo, hi):                             # 1.–4. for one gradient bucket, as backward
+            self._wd_into(g, lo, hi)                       #    produces it (train.bucket_mb)
+            m, gb, zb = self.m[lo:hi], g[lo:hi], z[lo:hi]
+            m *= self.mu                                   # 2. m_t = μ m_{t−1} + g_t
+            m += gb
+            np.multiply(m, self.mu, out=zb)                # 3. z_t = μ m_t + g_t
+            zb += gb
+            pending.append(comm.iallreduce_sum(zb))       # 4. Σ_i z_{t,i}, started now
+
+        grad(on_bucket=bucket)                             # 1.
+        for r in pending:                                  # 4.
+            r.wait()
+        z *= np.float32(lr / comm.size)                    # 5. x ← x − (η/M) Σ_i z_{t,i}
+        self.x -= z
         self.rounds += 1
 
     def state_dict(self):

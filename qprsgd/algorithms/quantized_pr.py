@@ -50,14 +50,30 @@ class PSGD(Algorithm):
       1. g_i = ∇f_i(x; ξ_i)                    (stochastic gradient on worker i)
       2. ḡ = (1/M) Σ_i g_i                      (all-reduce mean)
       3. x ← x − γ ḡ                            (identical on every worker)
+
+    Overlap (issue 16): line 2's sum is started bucket by bucket while backward still produces
+    line 1 (``grad(on_bucket=...)``, ``train.bucket_mb``) and waited for before line 3.  The 1/M
+    is folded into the step: x ← x − fl(γ/M)·Σ_i g_i, one scaling pass in place on g (no divide
+    pass, no temporary of size d).  Element-wise the same operations whatever the buckets, so
+    bucketed and unbucketed runs give the same iterates (bit for bit where the transport sums in
+    a fixed order: in-process, or MPI at M = 2).
     """
 
     name = "psgd"
 
     def step(self, t, lr, grad):
-        g = self._wd(grad())                         # 1.
-        self.env.worker_comm.allreduce_mean(g)       # 2.  (in place: g is scratch)
-        self.x -= np.float32(lr) * g                 # 3.
+        comm = self.env.worker_comm
+        pending = []
+
+        def reduce(g, lo, hi):                       # 1. (+ λx) then 2. for this bucket, started now
+            self._wd_into(g, lo, hi)
+            pending.append(comm.iallreduce_sum(g[lo:hi]))
+
+        g = grad(on_bucket=reduce)                   # 1.
+        for r in pending:                            # 2. Σ_i g_i (in place in g)
+            r.wait()
+        g *= np.float32(lr / comm.size)              # 3. x ← x − (γ/M) Σ_i g_i
+        self.x -= g
         self.rounds += 1
 
 
@@ -84,7 +100,8 @@ class PRSGD(Algorithm):
 
     def step(self, t, lr, grad):
         g = self._wd(grad())
-        self.x -= np.float32(lr) * g                         # 1. local step
+        g *= np.float32(lr)                                  # 1. local step (in place: g is scratch)
+        self.x -= g
         if is_round_end(t, self.K, self.avg_phase):
             average_models(self.env.worker_comm, self.x)     # 2. average the models
             self.rounds += 1
@@ -158,7 +175,8 @@ class QSGD(_Aggregating):
         g = self._wd(grad())                                             # 1.
         g_bar = self.agg.mean(env.worker_comm, g, env.rng)               # 2.–4. (allgather: encode,
         #                                                                  send to all, decode, mean)
-        self.x -= np.float32(lr) * g_bar                                 # 5.
+        g_bar *= np.float32(lr)                                          # 5. (in place: no temporary)
+        self.x -= g_bar
         self.rounds += 1
 
 
@@ -215,7 +233,8 @@ class QPRSGD(_Aggregating):
         env = self.env
         # 2. x_{n;0} = x̃_n: x already holds it (set at the end of the previous round / at start)
         g = self._wd(grad())                                             # 4. ξ_k, gradient at x_{n;k}
-        self.x -= np.float32(lr) * g                                     # 5. x_{n;k+1}
+        g *= np.float32(lr)                                              # 5. x_{n;k+1} (in place)
+        self.x -= g
         if not is_round_end(t, self.K, self.avg_phase):
             return
         # 7.–9. g_n = Q(x_{n;0} − x_{n;K}); send g_n, receive all g^(j); Δ = (1/M) Σ_j g^(j)
