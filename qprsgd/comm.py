@@ -234,6 +234,31 @@ class Comm(TransportBase):
         self._wait([req], "allreduce (bucket)")
         self._inflight = [r for r in self._inflight if r is not req]
 
+    def _iallgather_post(self, data):
+        # sizes by Iallgather and the payload to every other rank, posted now; the receives
+        # (their sizes known only then) at the wait
+        mine = np.array([data.nbytes], dtype=np.int64)
+        sizes = np.empty(self.size, dtype=np.int64)
+        sreq = self.mpi.Iallgather(mine, sizes)
+        tag = self._next_tag()
+        others = [j for j in range(self.size) if j != self.rank]
+        sends = [self.mpi.Isend(data, dest=j, tag=tag) for j in others]
+        self._inflight += [sreq] + sends
+        return data, mine, sizes, sreq, sends, tag, others
+
+    def _iallgather_wait(self, handle) -> list:
+        data, _mine, sizes, sreq, sends, tag, others = handle
+        self._wait([sreq], "allgather (sizes)")
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        out = np.empty(int(sizes.sum()), dtype=np.uint8)
+        parts = [out[o:o + s] for o, s in zip(offsets, sizes)]
+        reqs = [self.mpi.Irecv(parts[j], source=j, tag=tag) for j in others]
+        parts[self.rank][...] = data
+        self._wait(reqs + sends, "allgather", others + others)
+        done = set(map(id, [sreq] + sends))
+        self._inflight = [r for r in self._inflight if id(r) not in done]
+        return parts
+
     def progress(self) -> None:
         if self._inflight:
             MPI.Request.Testall(self._inflight)

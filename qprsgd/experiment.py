@@ -315,7 +315,7 @@ def build(cfg: Config, comm, out_dir: str, data=None, topology=None, backend: st
         codec = TimedCodec(raw, comm.ledger)
 
         def make_codec(d, blocks, _f=centry.factory, _kw=cfg.codec.kwargs()):
-            return TimedCodec(_f(int(d), tuple(blocks), **_kw), comm.ledger)
+            return TimedCodec(_f(int(d), tuple(blocks), threads=ct, **_kw), comm.ledger)
     else:
         make_codec = None
     env = Env(

@@ -290,6 +290,28 @@ class TransportBase:
                 self._count(channel, data.nbytes)
         return parts
 
+    def iallgather_bytes(self, data, channel: str = "allgather") -> Request:
+        """Non-blocking :meth:`allgather_bytes`: posted now (this rank's payload goes out while
+        the caller computes), ``wait()`` returns every rank's payload in rank order.  Counted
+        as :meth:`allgather_bytes` (the payload once, at the post); seconds: posting + waiting."""
+        data = as_payload(data)
+        with self._timed():
+            handle = self._iallgather_post(data)
+            if self.size > 1:
+                self._count(channel, data.nbytes)
+
+        def finish():
+            with self._timed():
+                return self._iallgather_wait(handle)
+        return Request(finish)
+
+    # backend primitives of iallgather_bytes; default: the blocking exchange at the post
+    def _iallgather_post(self, data):
+        return self._allgather_payloads(data)
+
+    def _iallgather_wait(self, handle) -> list:
+        return handle
+
     def _post_sends(self, data: np.ndarray, dests: Iterable[int], tag: int, channel: str) -> list:
         handles = []
         for j in dests:

@@ -96,6 +96,54 @@ class AllGatherMean:
         return acc
 
 
+class BucketAllGatherMean:
+    """``allgather`` per gradient bucket (``qsgd`` with ``per_bucket: true``; issue 16).
+
+    Bucket [lo, hi) (``qprsgd/buckets.py``, handed over while backward runs) has its own codec
+    C_b = ``make_codec(hi − lo, blocks ∩ bucket)``: the configured codec and parameters, one left
+    at its default taking the default for the bucket's length (qsgd: s = ⌈√(hi − lo)⌉):
+      post:   p_b = C_b.encode(v[lo:hi])  (draws bucket by bucket, in bucket order); all-gather p_b,
+              non-blocking, posted at once
+      finish: v̄[lo:hi] = (1/M) Σ_j C_b.decode(p_b^(j))   (rank order, float32, ÷ M), every bucket
+    One bucket covering the whole vector is exactly :class:`AllGatherMean`.  Several buckets are
+    a different compressor: a codec with per-vector statistics (QSGD's norm) computes them per
+    bucket -- docs/algorithms-allreduce.md states the variance and bits.
+    """
+
+    kind = "allgather (per bucket)"
+
+    def __init__(self, make_codec, blocks):
+        if make_codec is None:
+            raise ValueError("algorithm.per_bucket needs a codec (the codec section)")
+        self.make_codec, self.blocks = make_codec, tuple(blocks)
+        self._codecs: dict = {}
+        self._posted: list = []
+
+    def codec_for(self, lo: int, hi: int):
+        c = self._codecs.get((lo, hi))
+        if c is None:
+            c = self._codecs[(lo, hi)] = self.make_codec(hi - lo, chunk_blocks(self.blocks, lo, hi))
+        return c
+
+    def post(self, comm, v: np.ndarray, lo: int, hi: int, rng) -> None:
+        c = self.codec_for(lo, hi)
+        q = c.encode(np.ascontiguousarray(v[lo:hi]), rng)
+        self._posted.append((lo, hi, c, comm.iallgather_bytes(q.data, "allgather")))
+
+    def finish(self, out: np.ndarray) -> np.ndarray:
+        """Wait for every posted bucket and write its mean into out[lo:hi]; returns ``out``."""
+        posted, self._posted = self._posted, []
+        for lo, hi, c, req in posted:
+            received = req.wait()
+            acc = np.zeros(hi - lo, dtype=np.float32)
+            buf = np.empty(hi - lo, dtype=np.float32)
+            for p in received:
+                acc += c.decode(p, out=buf)
+            acc /= np.float32(len(received))
+            out[lo:hi] = acc
+        return out
+
+
 class ReduceScatterMean:
     """Reduce-scatter of encoded chunks, re-encode of each partial sum, all-gather of the sums.
 

@@ -14,7 +14,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..registry import ALGORITHMS
-from .aggregation import WIDTHS, make_aggregator
+from .aggregation import WIDTHS, BucketAllGatherMean, make_aggregator
 from .base import Algorithm
 
 
@@ -148,7 +148,21 @@ class _Aggregating(Algorithm):
         self.agg = make_aggregator(aggregation, self.env, levels, width) if self.env.worker_comm is not None else None
 
 
-@ALGORITHMS.register("qsgd", params=AggregationParams)
+class QSGDParams(AggregationParams):
+    per_bucket: bool = Field(
+        False, description="encode and all-gather each gradient bucket (train.bucket_mb) as backward "
+        "produces it, each with its own codec (per-bucket statistics, e.g. QSGD's norm: a different "
+        "compressor, docs/algorithms-allreduce.md); aggregation 'allgather' only")
+
+    @model_validator(mode="after")
+    def _check_per_bucket(self):
+        if self.per_bucket and self.aggregation != "allgather":
+            raise ValueError(f"algorithm.per_bucket = true needs algorithm.aggregation = 'allgather' "
+                             f"(got {self.aggregation!r})")
+        return self
+
+
+@ALGORITHMS.register("qsgd", params=QSGDParams)
 class QSGD(_Aggregating):
     """Quantized SGD, all-reduce paradigm (quantized-pr-sgd §3.2, eq. (2)–(3), L65–76; Alistarh et al.).
 
@@ -162,16 +176,37 @@ class QSGD(_Aggregating):
     The codec defaults to ``qsgd`` with its own default level s = ⌈√d⌉ (quantized-pr-sgd L265).
     One communication round per step.  Steps 2–4 are ``aggregation`` (default ``allgather``,
     exactly the above; ``reduce_scatter`` / ``summable``: qprsgd/algorithms/aggregation.py).
+
+    ``per_bucket=True`` (issue 16): lines 1–3 run per gradient bucket while backward produces
+    it -- each bucket encoded by its own codec and all-gathered non-blocking -- and line 4 per
+    bucket after backward (``aggregation.BucketAllGatherMean``).  One bucket is exactly the
+    above; several are a compressor with per-bucket statistics (docs/algorithms-allreduce.md).
     """
 
     name = "qsgd"
 
-    def __init__(self, x, env, aggregation: str = "allgather", levels: int = 1, width: int = 16):
+    def __init__(self, x, env, aggregation: str = "allgather", levels: int = 1, width: int = 16,
+                 per_bucket: bool = False):
         super().__init__(x, env)
+        if per_bucket and aggregation != "allgather":
+            raise ValueError(f"per_bucket needs aggregation 'allgather', got {aggregation!r}")
         self._init_aggregation(aggregation, levels, width)
+        self.per_bucket = bool(per_bucket)
+        self.buckets = (BucketAllGatherMean(env.make_codec, env.blocks or (env.d,))
+                        if per_bucket and env.worker_comm is not None else None)
 
     def step(self, t, lr, grad):
         env = self.env
+        if self.buckets is not None:
+            def send(g, lo, hi):                                         # 1.–3. per bucket, as backward
+                self._wd_into(g, lo, hi)                                 #        produces it
+                self.buckets.post(env.worker_comm, g, lo, hi, env.rng)
+            g = grad(on_bucket=send)                                     # 1.
+            g_bar = self.buckets.finish(g)                               # 4. (in place: g is scratch)
+            g_bar *= np.float32(lr)                                      # 5.
+            self.x -= g_bar
+            self.rounds += 1
+            return
         g = self._wd(grad())                                             # 1.
         g_bar = self.agg.mean(env.worker_comm, g, env.rng)               # 2.–4. (allgather: encode,
         #                                                                  send to all, decode, mean)
