@@ -23,7 +23,7 @@ from qprsgd.logger import read
 from qprsgd.registry import ALGORITHMS
 
 # algorithms whose training uses MPI's float Allreduce (its summation order is MPI's choice)
-FLOAT_ALLREDUCE = {"psgd", "pr_sgd", "pasgd", "sgdm", "powersgd"}
+FLOAT_ALLREDUCE = {"psgd", "pr_sgd", "pasgd", "sgdm", "powersgd", "psgd_buckets", "sgdm_buckets"}
 
 
 BATCH, STEPS = 4, 5
@@ -83,6 +83,11 @@ def alg_configs(M: int) -> dict:
         "dcd_psgd_matcha": b({"name": "dcd_psgd"}, {"name": "matcha", "base": "complete", "budget": 0.5}),
         "powersgd": b({"name": "powersgd", "rank": 2, "start_steps": 1}),
     }
+    # gradient buckets of ~1 KB (d = 610 floats: 3 buckets) posted from the backward hooks
+    for name, alg in (("psgd_buckets", {"name": "psgd"}), ("sgdm_buckets", {"name": "sgdm"}),
+                      ("qsgd_per_bucket", {"name": "qsgd", "per_bucket": True})):
+        out[name] = b(alg)
+        out[name]["train"]["bucket_mb"] = 0.001
     return out
 
 
@@ -150,7 +155,7 @@ def test_inprocess_equals_mpi(M, tmp_path):
             np.testing.assert_array_equal(pa, pb, err_msg=name)
         assert np.abs(pa - pa[0]).max() > 0 or name in FLOAT_ALLREDUCE | {"qsgd", "qpr_sgd", "signsgd_mv",
                                                                              "qsgd_rs", "qpr_sgd_rs",
-                                                                             "qsgd_summable",
+                                                                             "qsgd_summable", "qsgd_per_bucket",
                                                                              "qpr_sgd_summable",
                                                                              "signum_mv", "dist_ef_sgd",
                                                                              "dist_ef_blocksgd",
