@@ -7,7 +7,9 @@
 What is compared (qprsgd algorithm  <->  torch.distributed counterpart, gloo backend):
 
 * ``psgd``   <-> DistributedDataParallel, plain SGD (gradient all-reduce, DDP's own buckets
-  unless ``--bucket-mb`` is given, which then sets DDP's ``bucket_cap_mb`` too; 0 = one bucket);
+  unless ``--bucket-mb`` is given, which then sets DDP's ``bucket_cap_mb`` too; 0 = one bucket;
+  ``broadcast_buffers=False`` on every DDP here: qprsgd does not send BatchNorm's running
+  statistics either, and they do not enter the training-mode forward);
 * ``pr_sgd`` (K = 4) <-> local SGD: plain local ``torch.optim.SGD`` steps, no DDP, then
   ``PeriodicModelAverager(period=4, warmup_steps=3).average_parameters`` after every step
   (warmup_steps = 3 instead of 0 only moves the averages from after 0-based steps 0, 4, 8, ...
@@ -237,9 +239,9 @@ def torch_worker(spec_path: str) -> int:
     averager = None
     if alg == "psgd":
         kw = {} if spec.get("bucket_mb") is None else {"bucket_cap_mb": float(spec["bucket_mb"]) or ONE_BUCKET_MB}
-        net = DDP(module, **kw)
+        net = DDP(module, broadcast_buffers=False, **kw)
     elif alg == "qsgd":
-        net = DDP(module, bucket_cap_mb=ONE_BUCKET_MB)
+        net = DDP(module, broadcast_buffers=False, bucket_cap_mb=ONE_BUCKET_MB)
         state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=1,
                                             start_powerSGD_iter=POWERSGD_START)
         net.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
