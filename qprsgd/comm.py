@@ -18,8 +18,12 @@ missing, so the timed-out rank asks: it announces itself to every other rank on 
 communicator (``Dup`` of the group, made at construction) and names the ranks it does not hear
 from within a grace period (``_GRACE`` s) -- live ranks stuck in the same collective time out
 at about the same moment and announce themselves too; a frozen or dead rank does not.  The
-cost on the hot path is one clock read every 256 tests of a pending request.  Between tests a rank spins (as MPI's own ``Wait`` does) or,
-with ``poll_sleep`` > 0 (``qprsgd netem`` sets 2e-4 s through the environment variable
+cost on the hot path is one clock read every 256 tests of a pending request.  Between tests a
+rank spins for ``_SPIN`` tests (as MPI's own ``Wait`` does: the fastest answer when every rank
+has its own core), then calls ``sched_yield`` before each further test: with more ranks than
+cores a waiting rank hands its core to the peer it waits for instead of holding it (measured:
+4 ranks on 2 cores, digits MLP, psgd 20.5 -> 0.93 ms per step, 2 ranks unchanged at 0.36 ms;
+docs/performance.md).  Or, with ``poll_sleep`` > 0 (``qprsgd netem`` sets 2e-4 s through the environment variable
 ``QPRSGD_MPI_POLL_SLEEP``), sleeps: there all ranks and the kernel's shaped network share a few
 cores, and spinning ranks starved the TCP/tbf path (docs/network.md).  On a cluster leave it 0.
 """
@@ -43,6 +47,7 @@ class TransportTimeout(TransportError):
     """A wait outlived ``run.timeout``."""
 
 
+_SPIN = 64           # tests of a pending request before a spinning rank starts yielding its core
 _ABORT_DRAIN = 0.2   # seconds a failing rank waits for its report to reach the launcher
 _GRACE = 3.0          # seconds a timed-out rank listens for the others' announcements
 _ALIVE_TAG = 31_999   # side-communicator tag of "I timed out too" announcements
@@ -178,6 +183,8 @@ class Comm(TransportBase):
         while not MPI.Request.Testall(reqs):
             if self.poll_sleep > 0.0:
                 time.sleep(self.poll_sleep)
+            elif n >= _SPIN:
+                os.sched_yield()
             n += 1
             if (n & 255) == 0:
                 interrupt.check()
@@ -208,6 +215,8 @@ class Comm(TransportBase):
             while not self.mpi.Iprobe(source=source, tag=tag, status=status):
                 if self.poll_sleep > 0.0:
                     time.sleep(self.poll_sleep)
+                elif n >= _SPIN:
+                    os.sched_yield()
                 n += 1
                 if (n & 255) == 0:
                     interrupt.check()
