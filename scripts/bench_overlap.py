@@ -6,13 +6,16 @@
 
 For each (model, ranks, algorithm) it runs ``mpiexec -n N qprsgd run`` with ``train.bucket_mb = 0``
 (A: the whole gradient all-reduced after backward) and with ``--bucket-mb`` (B: each bucket's
-all-reduce posted from the backward hooks), interleaved A B B A A B ... ``--reps`` times, and
+all-reduce posted from the backward hooks; ``qsgd``: B is ``per_bucket: true``, each bucket
+encoded and all-gathered from the hooks -- a different compressor, so its B/A also carries the
+per-bucket codec's cost), interleaved A B B A A B ... ``--reps`` times, and
 prints the medians over reps of the per-step time (``metrics/t_step``) and of the exposed
 communication time of the rank that waited least (``metrics/t_comm_min``: posting + waiting; the
 max over ranks is mostly waiting for a slower peer), the ratio B/A of the step times (< 1:
 overlap pays), and the share of A's communication time that B hid behind backward:
 1 − t_comm_min(B)/t_comm_min(A).
-Same seed, data and model in A and B: their iterates are equal (tests/test_buckets.py).
+Same seed, data and model in A and B: for psgd and sgdm their iterates are equal
+(tests/test_buckets.py).
 """
 from __future__ import annotations
 
@@ -36,6 +39,8 @@ def measure(model: str, n: int, alg: str, bucket_mb: float, steps: int, tmp: str
     from qprsgd.logger import read
     cfg = step_config(model, steps, n, tmp)
     cfg["algorithm"] = {"name": alg}
+    if alg == "qsgd" and bucket_mb > 0:
+        cfg["algorithm"]["per_bucket"] = True     # B: encode + all-gather per bucket
     cfg["train"]["bucket_mb"] = bucket_mb
     path = os.path.join(tmp, f"{tag}.yaml")
     with open(path, "w") as f:
