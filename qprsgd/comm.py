@@ -120,6 +120,21 @@ def poll_sleep_from_env() -> float:
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 
 
+class _Gather:
+    """State of one posted :meth:`Comm.iallgather_bytes`."""
+
+    def __init__(self, data: np.ndarray, size: int):
+        self.data = data
+        self.mine = np.array([data.nbytes], dtype=np.int64)
+        self.sizes = np.empty(size, dtype=np.int64)
+        self.sreq = None
+        self.tag = 0
+        self.others: list = []
+        self.sends: list = []
+        self.recvs: Optional[list] = None
+        self.parts: Optional[list] = None
+
+
 class Comm(TransportBase):
     """MPI transport for one group of ranks.  See the module docstring."""
 
@@ -136,7 +151,8 @@ class Comm(TransportBase):
         self.size = mpi_comm.Get_size()
         # side channel for failure diagnosis only (bounded runs): a collective Dup now
         self._side = mpi_comm.Dup() if self.timeout is not None and self.size > 1 else None
-        self._inflight: list = []    # posted iallreduce_sum requests, for progress()
+        self._inflight: list = []    # posted non-blocking requests, for progress()
+        self._gathers: list = []     # iallgather_bytes not yet waited for
         self._init_base(ledger)
 
     # -- bounded waiting ---------------------------------------------------------------------
@@ -244,33 +260,41 @@ class Comm(TransportBase):
         self._inflight = [r for r in self._inflight if r is not req]
 
     def _iallgather_post(self, data):
-        # sizes by Iallgather and the payload to every other rank, posted now; the receives
-        # (their sizes known only then) at the wait
-        mine = np.array([data.nbytes], dtype=np.int64)
-        sizes = np.empty(self.size, dtype=np.int64)
-        sreq = self.mpi.Iallgather(mine, sizes)
-        tag = self._next_tag()
-        others = [j for j in range(self.size) if j != self.rank]
-        sends = [self.mpi.Isend(data, dest=j, tag=tag) for j in others]
-        self._inflight += [sreq] + sends
-        return data, mine, sizes, sreq, sends, tag, others
+        # sizes by Iallgather and the payload to every other rank, posted now; the receives as
+        # soon as the sizes are known: in progress() (called from the backward hooks) or at the wait
+        h = _Gather(data, self.size)
+        h.sreq = self.mpi.Iallgather(h.mine, h.sizes)
+        h.tag = self._next_tag()
+        h.others = [j for j in range(self.size) if j != self.rank]
+        h.sends = [self.mpi.Isend(data, dest=j, tag=h.tag) for j in h.others]
+        self._inflight += [h.sreq] + h.sends
+        self._gathers.append(h)
+        return h
 
-    def _iallgather_wait(self, handle) -> list:
-        data, _mine, sizes, sreq, sends, tag, others = handle
-        self._wait([sreq], "allgather (sizes)")
-        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        out = np.empty(int(sizes.sum()), dtype=np.uint8)
-        parts = [out[o:o + s] for o, s in zip(offsets, sizes)]
-        reqs = [self.mpi.Irecv(parts[j], source=j, tag=tag) for j in others]
-        parts[self.rank][...] = data
-        self._wait(reqs + sends, "allgather", others + others)
-        done = set(map(id, [sreq] + sends))
+    def _post_gather_recvs(self, h) -> None:
+        offsets = np.concatenate([[0], np.cumsum(h.sizes)[:-1]])
+        out = np.empty(int(h.sizes.sum()), dtype=np.uint8)
+        h.parts = [out[o:o + s] for o, s in zip(offsets, h.sizes)]
+        h.recvs = [self.mpi.Irecv(h.parts[j], source=j, tag=h.tag) for j in h.others]
+        h.parts[self.rank][...] = h.data
+        self._inflight += h.recvs
+
+    def _iallgather_wait(self, h) -> list:
+        self._wait([h.sreq], "allgather (sizes)")
+        if h.recvs is None:
+            self._post_gather_recvs(h)
+        self._wait(h.recvs + h.sends, "allgather", h.others + h.others)
+        done = set(map(id, [h.sreq] + h.sends + h.recvs))
         self._inflight = [r for r in self._inflight if id(r) not in done]
-        return parts
+        self._gathers = [g for g in self._gathers if g is not h]
+        return h.parts
 
     def progress(self) -> None:
         if self._inflight:
             MPI.Request.Testall(self._inflight)
+        for h in self._gathers:
+            if h.recvs is None and h.sreq.Test():
+                self._post_gather_recvs(h)
 
     def _allgather_payloads(self, data) -> list[np.ndarray]:
         # sizes by Allgather; payloads point-to-point, all posted at once.  Measured
