@@ -243,6 +243,9 @@ def _pydantic_problems(err: ValidationError, prefix: str, model: Optional[type] 
         if e["type"] == "extra_forbidden" and model is not None:
             allowed = [k for k in model.model_fields]
             msg = f"unknown key; allowed keys: {', '.join(allowed) or '(none)'}"
+            if e["loc"] and e["loc"][-1] == "params" and isinstance(e.get("input"), dict):
+                msg += (f"; parameters go directly in the {prefix or 'section'} section, next to "
+                        f"'name' (e.g. {prefix or 'section'}: {{name: ..., {next(iter(allowed), 'key')}: ...}})")
         if e["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
         got = e.get("input")

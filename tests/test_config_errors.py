@@ -198,3 +198,15 @@ def test_cli_every_rank_exits_on_errors_of_any_type(tmp_path):
         assert rc == code, (name, rc, err)
         assert err.count("qprsgd:") == 1 and words in err and "Traceback" not in err, (name, err)
         assert not (tmp_path / name).exists(), name
+
+
+def test_params_nested_under_params_says_where_they_go():
+    cfg = {"algorithm": {"name": "sgdm", "params": {"momentum": 0.9}}, "model": {"name": "mlp"},
+           "data": {"name": "digits"}}
+    with pytest.raises(config.ConfigError) as e:
+        config.validate(cfg)
+    msg = str(e.value)
+    assert "algorithm.params: unknown key; allowed keys: momentum" in msg
+    assert "parameters go directly in the algorithm section" in msg
+    cfg["algorithm"] = {"name": "sgdm", "momentum": 0.9}
+    assert config.validate(cfg).algorithm.name == "sgdm"
