@@ -146,6 +146,8 @@ def check(env: Mapping[str, str], world_size: int, pinned: Optional[int] = None,
 
 
 # -- the MPI library mpi4py loads -----------------------------------------------------------------
+# The probe is a script for a *child* interpreter (this process never imports mpi4py here: a
+# process that is not an MPI job must not initialise MPI; inside a job qprsgd.comm answers).
 _PROBE = r"""
 import ctypes, json, os, sys
 info = {}
@@ -223,12 +225,9 @@ def mpi_library(env: Optional[Mapping[str, str]] = None, cuda: bool = False, tim
     In a process that already imported ``mpi4py.MPI`` (a running job) the facts are read here;
     otherwise a child Python reads them (bounded by ``timeout``), so this process never
     initialises MPI."""
-    mod = sys.modules.get("mpi4py.MPI")
-    if mod is not None and env is None and python is None and not cuda:
-        import mpi4py
-        return {"library": mod.Get_library_version().strip(), "standard": "%d.%d" % mod.Get_version(),
-                "abi": os.path.basename(mod.__file__).split(".")[1], "mpi4py": mpi4py.__version__,
-                "file": _loaded_libmpi(), "cuda_aware": None}
+    if "mpi4py.MPI" in sys.modules and env is None and python is None and not cuda:
+        from .comm import library_facts     # MPI is up already: comm, the one mpi4py importer, reads it
+        return {**library_facts(), "file": _loaded_libmpi(), "cuda_aware": None}
     cmd = [python or sys.executable, "-c", _PROBE] + (["--cuda"] if cuda else [])
     try:
         p = subprocess.run(cmd, env=_strip_mpi_env(os.environ if env is None else env),

@@ -76,6 +76,16 @@ def check_summable(levels: int, width: int, M: int) -> None:
             f"or lower algorithm.levels")
 
 
+def _decoded_mean(codec, payloads, acc: np.ndarray, buf: np.ndarray) -> np.ndarray:
+    """acc ← (1/M) Σ_j codec.decode(payloads[j]): rank order, float32 sums from zero, ÷ M (the
+    allgather pattern's arithmetic); ``buf`` is decode scratch of acc's length.  Returns acc."""
+    acc.fill(0.0)
+    for p in payloads:
+        acc += codec.decode(p, out=buf)
+    acc /= np.float32(len(payloads))
+    return acc
+
+
 class AllGatherMean:
     """(1/M) Σ_j decode(encode_j(v_j)): decoded in rank order 0..M−1, summed in float32, ÷ M.
     Draws: one ``encode`` of the whole vector."""
@@ -84,16 +94,15 @@ class AllGatherMean:
 
     def __init__(self, codec, d: int):
         self.codec, self.d = codec, int(d)
+        self._acc = np.empty(self.d, dtype=np.float32)   # scratch, allocated once
+        self._buf = np.empty(self.d, dtype=np.float32)
 
     def mean(self, comm, v: np.ndarray, rng) -> np.ndarray:
+        """The mean, in this aggregator's own buffer: valid until the next call (callers may
+        scale it in place)."""
         q = self.codec.encode(v, rng)
         received = comm.allgather_bytes(q.data, "allgather")
-        acc = np.zeros(self.d, dtype=np.float32)
-        buf = np.empty(self.d, dtype=np.float32)
-        for p in received:
-            acc += self.codec.decode(p, out=buf)
-        acc /= np.float32(len(received))
-        return acc
+        return _decoded_mean(self.codec, received, self._acc, self._buf)
 
 
 class BucketAllGatherMean:
@@ -118,8 +127,10 @@ class BucketAllGatherMean:
         self.make_codec, self.blocks = make_codec, tuple(blocks)
         self._codecs: dict = {}
         self._posted: list = []
+        self._buf: Optional[np.ndarray] = None
 
     def codec_for(self, lo: int, hi: int):
+        """Bucket [lo, hi)'s codec (built on first use, kept with its decode scratch)."""
         c = self._codecs.get((lo, hi))
         if c is None:
             c = self._codecs[(lo, hi)] = self.make_codec(hi - lo, chunk_blocks(self.blocks, lo, hi))
@@ -133,14 +144,10 @@ class BucketAllGatherMean:
     def finish(self, out: np.ndarray) -> np.ndarray:
         """Wait for every posted bucket and write its mean into out[lo:hi]; returns ``out``."""
         posted, self._posted = self._posted, []
+        if self._buf is None or len(self._buf) < len(out):
+            self._buf = np.empty(len(out), dtype=np.float32)     # decode scratch, allocated once
         for lo, hi, c, req in posted:
-            received = req.wait()
-            acc = np.zeros(hi - lo, dtype=np.float32)
-            buf = np.empty(hi - lo, dtype=np.float32)
-            for p in received:
-                acc += c.decode(p, out=buf)
-            acc /= np.float32(len(received))
-            out[lo:hi] = acc
+            _decoded_mean(c, req.wait(), out[lo:hi], self._buf[:hi - lo])
         return out
 
 

@@ -191,7 +191,6 @@ class QSGD(_Aggregating):
         if per_bucket and aggregation != "allgather":
             raise ValueError(f"per_bucket needs aggregation 'allgather', got {aggregation!r}")
         self._init_aggregation(aggregation, levels, width)
-        self.per_bucket = bool(per_bucket)
         self.buckets = (BucketAllGatherMean(env.make_codec, env.blocks or (env.d,))
                         if per_bucket and env.worker_comm is not None else None)
 
