@@ -476,7 +476,7 @@ def _run(cfg, comm, out: str, info, data=None, topology=None, backend: str = "mp
         raise
     except Exception as exc:
         from .divergence import explain
-        d = explain(exc, exp.mirror.x, loop.t, exp.lr_at(max(loop.t - 1, 0)))
+        d = explain(exc, exp.placement.x, loop.t, exp.lr_at(max(loop.t - 1, 0)))
         if d is None:
             raise  # a failure: the abort hook (MPI) or the in-process runner ends the job (exit 1)
         return _diverged(d, exc, comm, logger, backend)

@@ -349,6 +349,38 @@ class Comm(TransportBase):
         finally:
             node.Free()
 
+    def local_rank(self) -> int:
+        """This rank's index among the ranks of this group on its node (``COMM_TYPE_SHARED``,
+        ordered by rank): the GPU it binds to under ``run.device: cuda``."""
+        node = self.mpi.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        try:
+            return node.Get_rank()
+        finally:
+            node.Free()
+
+    def cuda_aware(self) -> bool:
+        """Does the MPI library read and write CUDA device memory?  Open MPI answers through
+        ``MPIX_Query_cuda_support()``, MPICH through ``MPIX_GPU_query_support(CUDA, &flag)``;
+        a library with neither is taken as not CUDA-aware (the staged path, always correct)."""
+        import ctypes
+
+        try:
+            lib = ctypes.CDLL(MPI.__file__)
+        except OSError:
+            return False
+        f = getattr(lib, "MPIX_Query_cuda_support", None)
+        if f is not None:
+            f.restype = ctypes.c_int
+            return bool(f())
+        g = getattr(lib, "MPIX_GPU_query_support", None)
+        if g is not None:
+            flag = ctypes.c_int(0)
+            g.restype = ctypes.c_int
+            # MPIX_GPU_SUPPORT_CUDA is 0 in MPICH's mpi.h (4.x)
+            if g(ctypes.c_int(0), ctypes.byref(flag)) == 0:
+                return bool(flag.value)
+        return False
+
     def barrier(self) -> None:
         self._wait([self.mpi.Ibarrier()], "barrier")
 

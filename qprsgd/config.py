@@ -174,7 +174,18 @@ class RunConfig(_Strict):
     threads: int = Field(1, ge=1, le=MAX_THREADS, description="torch threads per rank")
     codec_threads: Optional[int] = Field(
         None, ge=1, le=MAX_THREADS, description="codec kernel threads per rank; default: cores on the node / ranks on the node")
-    device: Literal["cpu", "cuda"] = Field("cpu", description="cuda: one GPU per rank, by local rank")
+    device: Literal["cpu", "cuda", "sim", "cuda_host"] = Field(
+        "cpu", description="where the model, the algorithm's state and the codec run. cuda: one GPU per "
+        "rank (by node-local rank), only payload bytes cross to the host; sim: the GPU code path on the "
+        "CPU, for tests; cuda_host: the model on the GPU, algorithm and codec on host copies (the "
+        "path before issue 19, for comparison) -- docs/gpu.md")
+    share_gpus: bool = Field(
+        False, description="cuda: allow more ranks on a node than visible GPUs (ranks share GPUs "
+        "round-robin; e.g. a benchmark at 2 ranks on one GPU). false: such a node is refused")
+    gpu_mpi: Literal["auto", "staged", "cuda_aware"] = Field(
+        "auto", description="cuda: how device vectors reach MPI. staged: through pinned host buffers; "
+        "cuda_aware: float all-reduces get device buffers directly (payloads are staged); auto: "
+        "cuda_aware when the MPI library reports CUDA support, else staged")
     server: Literal["rank0", "dedicated"] = Field(
         "rank0", description="parameter server / centre placement: rank 0 doubles as server, or one extra rank")
     progress: bool = Field(True, description="progress line on rank 0 at each evaluation")
@@ -189,6 +200,16 @@ class RunConfig(_Strict):
         None, ge=1, description="expected MPI processes (dedicated server included); the run refuses any "
                                 "other world size. Default: whatever the launcher started (still checked "
                                 "against the launcher's own count)")
+
+    @model_validator(mode="after")
+    def _check_device(self):
+        if self.device in ("cuda", "cuda_host") and self.workers is not None:
+            raise ValueError(f"run.workers (the in-process cluster) runs on run.device 'cpu' or 'sim', "
+                             f"got run.device = {self.device!r}: launch one MPI rank per GPU instead")
+        if self.share_gpus and self.device not in ("cuda", "cuda_host"):
+            raise ValueError(f"run.share_gpus = true applies to run.device 'cuda' / 'cuda_host' only, got "
+                             f"run.device = {self.device!r}")
+        return self
 
 
 class DataConfig(_Strict):

@@ -31,8 +31,9 @@ import torch
 from . import __version__
 from .algorithms.base import Algorithm, Env
 from .config import Config
+from .devices import array_module, gpu_for_rank, to_device, to_host
 from .registry import ALGORITHMS, CODECS, DATASETS, MODELS, TOPOLOGIES
-from .transport import Ledger
+from .transport import Ledger, Staged
 
 
 class TimedCodec:
@@ -77,46 +78,121 @@ def git_commit() -> str:
         return "unknown"
 
 
-class HostMirror:
-    """Where the algorithm's x lives.
+class Placement:
+    """Where the algorithm's x and the gradient live (issue 19): the model's own flat buffers, on
+    the model's device, with no copy.
 
-    On the CPU, ``x`` *is* the model's flat parameter buffer (a numpy view: no copies).  With
-    ``run.device: cuda`` the model computes on the GPU and the algorithm, codec and comm work on a
-    host copy: ``to_device()`` uploads x before a forward pass, ``grad_to_host()`` downloads the
-    flat gradient after backward (``.cpu()`` synchronises the stream, so MPI never sees a
-    half-written buffer).  This is host staging; see docs/performance.md for what it costs.
+      ``cpu``   numpy views of the torch CPU buffers (writing ``x`` updates the model)
+      ``cuda``  CuPy views of the torch CUDA buffers (DLPack): algorithm, state and codec run on
+                the GPU; only what the transport sends crosses to the host (transport.Staged)
+      ``sim``   :class:`qprsgd.devices.SimArray` views of the CPU buffers: the GPU code path on
+                the CPU, for tests (docs/gpu.md)
+      ``cuda_host``  the model on the GPU, x and the gradient as host copies: before every
+                forward pass x goes up, after backward the whole gradient comes down (2 × 4d
+                bytes per step, counted as copies).  The path before issue 19, kept to measure
+                the device path against (scripts/bench_step.py).
+    ``xp`` is the array module of x; ``device_name`` is what the HDF5 attributes record.
     """
 
-    def __init__(self, flat):
+    def __init__(self, flat, kind: str, ledger: Optional[Ledger] = None):
+        from .devices import SimArray, check_device
+
         self.flat = flat
-        self.on_gpu = flat.flat.device.type != "cpu"
-        if self.on_gpu:
+        self.kind = check_device(kind)
+        self.ledger = ledger if ledger is not None else Ledger()
+        if kind == "cuda_host":
             self.x = flat.flat.detach().cpu().numpy().copy()
-            self._g = np.empty_like(self.x)
+            self.g = np.empty_like(self.x)
+            dev = flat.flat.device
+            self.device_name = f"{dev} {torch.cuda.get_device_name(dev)} (host state)"
+        elif kind == "cuda":
+            import cupy
+
+            self.x = cupy.from_dlpack(flat.flat.detach())
+            self.g = cupy.from_dlpack(flat.grad)
+            dev = flat.flat.device
+            self.device_name = f"{dev} {torch.cuda.get_device_name(dev)}"
         else:
-            self.x = flat.x_numpy()
+            x, g = flat.x_numpy(), flat.grad_numpy()
+            self.x, self.g = (SimArray(x), SimArray(g)) if kind == "sim" else (x, g)
+            self.device_name = "sim (cpu)" if kind == "sim" else "cpu"
+        self.xp = array_module(self.x)
 
-    def to_device(self) -> None:
-        if self.on_gpu:
+    @property
+    def on_device(self) -> bool:
+        """Are x and the algorithm's state device arrays (cuda, sim)?"""
+        return self.kind in ("cuda", "sim")
+
+    def before_forward(self) -> None:
+        """cuda_host: x up to the model (counted); the other placements share x with it."""
+        if self.kind == "cuda_host":
+            t = time.perf_counter()
             self.flat.flat.copy_(torch.from_numpy(self.x))
+            self.ledger.add_copy(self.x.nbytes, time.perf_counter() - t, down=False)
 
-    def host_grad(self) -> np.ndarray:
-        """The host array :meth:`grad_to_host` fills and returns (the same object every step)."""
-        return self._g if self.on_gpu else self.flat.grad_numpy()
+    def after_backward(self) -> None:
+        """The gradient is complete before anything outside torch's stream reads it (cuda), or
+        copied down (cuda_host: ``.cpu()`` synchronises the stream; counted)."""
+        if self.kind == "cuda":
+            torch.cuda.current_stream().synchronize()
+        elif self.kind == "cuda_host":
+            t = time.perf_counter()
+            self.g[...] = self.flat.grad.detach().cpu().numpy()
+            self.ledger.add_copy(self.g.nbytes, time.perf_counter() - t, down=True)
 
-    def grad_to_host(self) -> np.ndarray:
-        if self.on_gpu:
-            self._g[...] = self.flat.grad.detach().cpu().numpy()
-            return self._g
-        return self.flat.grad_numpy()
+    def host_x(self) -> np.ndarray:
+        """x on the host: the buffer itself on the CPU, a copy from a device (logs, checkpoints)."""
+        return to_host(self.x)
+
+    def load_x(self, h: np.ndarray) -> None:
+        """x ← a host vector (a checkpoint's)."""
+        to_device(np.asarray(h, dtype=np.float32), self.x, out=self.x)
+        self.before_forward()
 
 
-def cuda_device(rank_on_node: int):
-    """The GPU for this rank (local ranks round-robin over visible devices), or a clear error."""
-    if not torch.cuda.is_available():
-        raise ValueError("run.device: 'cuda' but torch sees no CUDA device (got torch "
-                         f"{torch.__version__}); use run.device: cpu")
-    return torch.device("cuda", rank_on_node % torch.cuda.device_count())
+class SimCodec:
+    """The codec of a ``run.device: sim`` run: the configured CPU codec working on the SimArrays'
+    backing memory -- as the codec's CUDA backend works on the GPU's memory, with no copy --
+    with payloads and decoded vectors handed back as device arrays.  (The CUDA kernels
+    themselves are checked byte for byte in numba's simulator, tests/test_codecs_cuda.py.)"""
+
+    def __init__(self, codec):
+        self._codec = codec
+
+    @staticmethod
+    def _mem(a):
+        from .devices import SimArray
+
+        return a._a if isinstance(a, SimArray) else a
+
+    def encode(self, x, rng=None):
+        from .codecs.base import Payload
+        from .devices import SimArray
+
+        p = self._codec.encode(self._mem(x), rng)
+        return Payload(SimArray(np.asarray(p.data)), p.nbits)
+
+    def decode(self, data, out=None):
+        from .devices import SimArray
+
+        r = self._codec.decode(self._mem(data), out=None if out is None else self._mem(out))
+        return out if out is not None else SimArray(r)
+
+    def __getattr__(self, name):
+        return getattr(self._codec, name)
+
+
+def codec_for_device(factory, d: int, blocks, kind: str, threads: int, kw: dict):
+    """The configured codec for vectors of placement ``kind``: the CPU backends on the CPU (and,
+    wrapped in :class:`SimCodec`, under ``sim``); on a GPU its CUDA backend on CuPy arrays (the
+    numpy backend, on CuPy arrays, where a codec has no CUDA one)."""
+    if kind == "cuda":
+        import cupy
+
+        backend = "cuda" if "cuda" in getattr(factory, "IMPLS", {}) else "numpy"
+        return factory(int(d), tuple(blocks), xp=cupy, backend=backend, **kw)
+    c = factory(int(d), tuple(blocks), threads=threads, **kw)
+    return SimCodec(c) if kind == "sim" else c
 
 
 @dataclass
@@ -182,8 +258,9 @@ def model_size(cfg: Config) -> tuple[int, tuple]:
 def preflight(cfg: Config, world_size: int) -> None:
     """Checks that need the world size; run on rank 0 before any rank starts work."""
     roles = roles_for(cfg, world_size)
-    if cfg.run.device == "cuda":
-        cuda_device(0)
+    if cfg.run.device in ("cuda", "cuda_host") and not torch.cuda.is_available():
+        raise ValueError(f"run.device: {cfg.run.device!r} but torch sees no CUDA device (got torch "
+                         f"{torch.__version__}); use run.device: cpu")
     try:
         build_topology(cfg, roles.M)
     except ValueError as e:
@@ -208,8 +285,9 @@ class Experiment:
     total_steps: int
     out_dir: str
     loss_name: str
-    mirror: HostMirror
+    placement: Placement
     backend: str = "mpi"
+    gpu_mpi: str = "host"    # how device vectors reach the transport: host (cpu), staged, cuda_aware
 
     @property
     def ledger(self) -> Ledger:
@@ -299,23 +377,43 @@ def build(cfg: Config, comm, out_dir: str, data=None, topology=None, backend: st
     from .models import FlatParams, build_model
     module = build_model(cfg.model.name, tuple(data.in_shape), data.num_classes, seed=cfg.seed,
                          **cfg.model.kwargs())
-    if cfg.run.device == "cuda":
-        local = int(os.environ.get("MPI_LOCALRANKID", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK",
-                                   os.environ.get("SLURM_LOCALID", rank))))
-        module = module.to(cuda_device(local))
+    kind = cfg.run.device
+    if kind in ("cuda", "cuda_host"):   # one rank per GPU, by node-local rank (COMM_TYPE_SHARED)
+        gpu = gpu_for_rank(comm.local_rank(), comm.local_size(), torch.cuda.device_count(),
+                           cfg.run.share_gpus)
+        torch.cuda.set_device(gpu)
+        if kind == "cuda":
+            import cupy
+
+            cupy.cuda.Device(gpu).use()
+        module = module.to(torch.device("cuda", gpu))
     flat = FlatParams(module)
-    mirror = HostMirror(flat)
+    placement = Placement(flat, kind, comm.ledger)
     loss_name = getattr(module, "loss_name", "cross_entropy")
+
+    # device vectors reach the transport through host staging (or, with a CUDA-aware MPI, the
+    # float all-reduces directly); every group the algorithm sees is wrapped the same way
+    gpu_mpi = "host"          # cpu, cuda_host: the algorithm's vectors are host arrays
+    if placement.on_device:
+        from .devices import Stager
+
+        direct = kind == "cuda" and (cfg.run.gpu_mpi == "cuda_aware" or
+                                     (cfg.run.gpu_mpi == "auto" and comm.cuda_aware()))
+        gpu_mpi = "cuda_aware" if direct else "staged"
+        stage = Stager(kind, comm.ledger)
+        comm = Staged(comm, stage, direct)
+        wc = None if wc is None else Staged(wc, stage, direct)
+        groups = tuple(None if g is None else Staged(g, stage, direct) for g in groups)
 
     codec = None
     if cfg.codec is not None:
         centry = CODECS.get(cfg.codec.name)
-        raw = centry.factory(flat.d, flat.blocks, threads=ct, **cfg.codec.kwargs())
+        raw = codec_for_device(centry.factory, flat.d, flat.blocks, kind, ct, cfg.codec.kwargs())
         raw.warmup()  # JIT compile / cache load now, not in step 0's t_codec
         codec = TimedCodec(raw, comm.ledger)
 
         def make_codec(d, blocks, _f=centry.factory, _kw=cfg.codec.kwargs()):
-            return TimedCodec(_f(int(d), tuple(blocks), threads=ct, **_kw), comm.ledger)
+            return TimedCodec(codec_for_device(_f, d, blocks, kind, ct, _kw), comm.ledger)
     else:
         make_codec = None
     env = Env(
@@ -326,9 +424,10 @@ def build(cfg: Config, comm, out_dir: str, data=None, topology=None, backend: st
         extra={} if topo is None else {"topology": topo},
         groups=groups, make_codec=make_codec, shapes=tuple(flat.shapes), seed=cfg.seed,
     )
-    algo = cls(mirror.x, env, **cfg.algorithm.kwargs())
+    algo = cls(placement.x, env, **cfg.algorithm.kwargs())
     return Experiment(cfg, comm, roles, module, flat, data, train_idx, test_idx, stream, codec, algo,
-                      topo, steps_per_epoch, total_steps, out_dir, loss_name, mirror, backend)
+                      topo, steps_per_epoch, total_steps, out_dir, loss_name, placement, backend,
+                      gpu_mpi)
 
 
 def run_attrs(cfg: Config, exp: Experiment) -> dict:
@@ -338,6 +437,9 @@ def run_attrs(cfg: Config, exp: Experiment) -> dict:
         "git_commit": git_commit(),
         "world_size": exp.comm.size,
         "backend": exp.backend,
+        "device": exp.cfg.run.device,
+        "device_name": exp.placement.device_name,
+        "gpu_mpi": exp.gpu_mpi,
         "workers": np.asarray(exp.roles.workers, dtype=np.int64),
         "server": -1 if exp.roles.server is None else exp.roles.server,
         "algorithm": cfg.algorithm.name,

@@ -240,6 +240,12 @@ class LocalTransport(TransportBase):
     def local_size(self) -> int:
         return self.size   # every in-process worker shares this node
 
+    def local_rank(self) -> int:
+        return self.rank
+
+    def cuda_aware(self) -> bool:
+        return False       # no MPI: device vectors are always staged
+
     def split(self, color: int, key: Optional[int] = None) -> Optional["LocalTransport"]:
         """Collective: members with the same color >= 0 form a sub-group ordered by (key, rank);
         color < 0 returns None.  The sub-group reports into the same ledger."""

@@ -35,6 +35,8 @@ METRIC_COLUMNS = {
     "bits_up": ("i8", "cumulative bits worker -> server"),
     "bits_down": ("i8", "cumulative bits server -> workers"),
     "payload_bits": ("i8", "cumulative unpadded codec bits encoded (all ranks)"),
+    "bits_to_host": ("i8", "cumulative bits copied from device to host memory (run.device cuda / sim: "
+                           "what the transport was handed; 0 on the CPU), all ranks"),
     "messages": ("i8", "cumulative messages handed to MPI, all ranks"),
     "wall_time": ("f8", "seconds since the run (or resumed run) started, on rank 0, plus time before resume"),
     "t_compute": ("f8", "seconds in forward/backward over this row's steps (max over ranks)"),
@@ -43,6 +45,8 @@ METRIC_COLUMNS = {
     "t_comm_min": ("f8", "seconds inside MPI over this row's steps (min over ranks: the rank that "
                          "waited least for the others, closest to pure transfer time)"),
     "t_step": ("f8", "seconds for this row's steps (max over ranks)"),
+    "t_copy": ("f8", "seconds copying vectors between device and host memory over this row's steps "
+                     "(run.device cuda / sim; 0 on the CPU; max over ranks)"),
     "steps": ("i8", "number of steps this row covers"),
 }
 EVAL_COLUMNS = {

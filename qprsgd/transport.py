@@ -54,6 +54,9 @@ class Ledger:
         self.comm_seconds = 0.0
         self.codec_seconds = 0.0
         self.payload_bits = 0
+        self.copy_seconds = 0.0   # host/device copies (run.device cuda / sim: Staged, Stager)
+        self.copy_bytes = 0       # both directions
+        self.copy_down_bytes = 0  # device -> host
 
     def count_bytes(self, channel: str, nbytes: int, messages: int = 1) -> None:
         self.bytes[channel] += int(nbytes)
@@ -65,6 +68,12 @@ class Ledger:
     def add_codec(self, seconds: float, bits: int = 0) -> None:
         self.codec_seconds += seconds
         self.payload_bits += int(bits)
+
+    def add_copy(self, nbytes: int, seconds: float, down: bool) -> None:
+        self.copy_bytes += int(nbytes)
+        self.copy_seconds += seconds
+        if down:
+            self.copy_down_bytes += int(nbytes)
 
     # -- reading ------------------------------------------------------------------------------
     def total_bytes(self) -> int:
@@ -87,7 +96,8 @@ class Ledger:
     def state_dict(self) -> dict:
         return {"bytes": dict(self.bytes), "messages": dict(self.messages),
                 "comm_seconds": self.comm_seconds, "codec_seconds": self.codec_seconds,
-                "payload_bits": self.payload_bits}
+                "payload_bits": self.payload_bits, "copy_seconds": self.copy_seconds,
+                "copy_bytes": self.copy_bytes, "copy_down_bytes": self.copy_down_bytes}
 
     def load_state_dict(self, s: dict) -> None:
         self.bytes.clear()
@@ -97,6 +107,10 @@ class Ledger:
         self.comm_seconds = float(s["comm_seconds"])
         self.codec_seconds = float(s["codec_seconds"])
         self.payload_bits = int(s["payload_bits"])
+        # checkpoints written before issue 19 have no copies: they ran on the CPU path
+        self.copy_seconds = float(s.get("copy_seconds", 0.0))
+        self.copy_bytes = int(s.get("copy_bytes", 0))
+        self.copy_down_bytes = int(s.get("copy_down_bytes", 0))
 
 
 class Request:
@@ -434,3 +448,133 @@ class TransportBase:
         dsts = list(range(self.size)) if dests is None else list(dests)
         payloads = {j: data for j in dsts} if self.rank == root else None
         return self.scatter_bytes(payloads, root, dsts, channel)
+
+
+_EMPTY = np.zeros(0, dtype=np.uint8)
+
+
+class Staged:
+    """A transport for device arrays (``run.device: cuda`` or ``sim``; issue 19): every operation
+    of the inner transport, with the device arrays it is handed copied to host buffers first and
+    what it returns copied back to the device, so algorithms see device arrays only and MPI sees
+    host memory only.  The only host/device crossings of a training step are these copies (and
+    the codec's few header bytes); each is counted in the ledger (``copy_bytes``,
+    ``copy_seconds``).  Numpy arrays and scalars pass through untouched and uncounted.
+
+    ``stage`` is the device's :class:`qprsgd.devices.Stager` (pinned buffers on a GPU).
+    ``direct_floats``: hand device float buffers of the all-reduces to the inner transport
+    as they are (a CUDA-aware MPI reads device memory itself); payloads are always staged.
+    Everything not listed here (control traffic, ``progress``, ``ledger``, ``rank``...) is the
+    inner transport's own attribute.
+    """
+
+    def __init__(self, inner, stage, direct_floats: bool = False):
+        self.inner = inner
+        self.stage = stage
+        self.direct_floats = bool(direct_floats)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    # -- float buffers ---------------------------------------------------------------------
+    def _float_op(self, buf, op):
+        from .devices import is_device
+
+        if not is_device(buf) or self.direct_floats:
+            if self.direct_floats and is_device(buf):
+                self.stage.sync()
+            return op(buf)
+        h = self.stage.down(buf)
+        op(h)
+        self.stage.up_into(h, buf)
+        return buf
+
+    def allreduce_mean(self, buf, channel: str = "allreduce", count: bool = True):
+        return self._float_op(buf, lambda b: self.inner.allreduce_mean(b, channel, count))
+
+    def allreduce_sum_int(self, buf, channel: str = "allreduce"):
+        return self._float_op(buf, lambda b: self.inner.allreduce_sum_int(b, channel))
+
+    def iallreduce_sum(self, buf, channel: str = "allreduce") -> Request:
+        from .devices import is_device
+
+        if not is_device(buf) or self.direct_floats:
+            if self.direct_floats and is_device(buf):
+                self.stage.sync()
+            return self.inner.iallreduce_sum(buf, channel)
+        h = self.stage.down(buf)
+        r = self.inner.iallreduce_sum(h, channel)
+
+        def finish():
+            r.wait()
+            self.stage.up_into(h, buf)
+            return buf
+        return Request(finish)
+
+    def allreduce_max(self, values, channel: str = "allreduce"):
+        return self.inner.allreduce_max([float(v) for v in values], channel)
+
+    # -- byte payloads -----------------------------------------------------------------------
+    def _down(self, data):
+        return self.stage.down(data) if data is not None else None
+
+    def _up(self, h, like=None):
+        return self.stage.up(h)
+
+    def _up_dict(self, got: Optional[dict], like=None):
+        return None if got is None else {j: self.stage.up(p) for j, p in got.items()}
+
+    def alltoall_bytes(self, sends: Sequence, channel: str = "alltoall") -> list:
+        # this rank's own entry never leaves the device (the inner transport gets a stand-in)
+        r = self.inner.rank
+        hs = [_EMPTY if j == r else self._down(s) for j, s in enumerate(sends)]
+        got = self.inner.alltoall_bytes(hs, channel)
+        return [sends[j].copy() if j == r else self._up(p) for j, p in enumerate(got)]
+
+    def allgather_bytes(self, data, channel: str = "allgather") -> list:
+        return [self._up(p, data) for p in self.inner.allgather_bytes(self._down(data), channel)]
+
+    def iallgather_bytes(self, data, channel: str = "allgather") -> Request:
+        r = self.inner.iallgather_bytes(self._down(data), channel)
+        return Request(lambda: [self._up(p, data) for p in r.wait()])
+
+    def ineighbor_exchange(self, data, neighbors: Sequence[int], channel: str = "peer") -> Request:
+        r = self.inner.ineighbor_exchange(self._down(data), neighbors, channel)
+        return Request(lambda: self._up_dict(r.wait(), data))
+
+    def neighbor_exchange(self, data, neighbors: Sequence[int], channel: str = "peer") -> dict:
+        return self.ineighbor_exchange(data, neighbors, channel).wait()
+
+    def isparse_exchange(self, sends: Mapping[int, Any], sources: Sequence[int], channel: str = "peer") -> Request:
+        like = next(iter(sends.values()), None)
+        r = self.inner.isparse_exchange({j: self._down(d) for j, d in sends.items()}, sources, channel)
+        return Request(lambda: self._up_dict(r.wait(), like))
+
+    def isendrecv_bytes(self, sends: Mapping[int, Any], recvs: Mapping[int, int],
+                        channel: Union[str, Mapping[int, str]] = "peer") -> Request:
+        like = next(iter(sends.values()), None)
+        r = self.inner.isendrecv_bytes({j: self._down(d) for j, d in sends.items()}, recvs, channel)
+        return Request(lambda: self._up_dict(r.wait(), like))
+
+    def gather_bytes(self, data, root: int, sources: Optional[Sequence[int]] = None,
+                     channel: str = "up") -> Optional[dict]:
+        if self.inner.rank != root:
+            return self._up_dict(self.inner.gather_bytes(self._down(data), root, sources, channel))
+        got = self.inner.gather_bytes(_EMPTY, root, sources, channel)   # the root's own stays here
+        return {j: (data.copy() if j == root else self._up(p)) for j, p in got.items()}
+
+    def scatter_bytes(self, payloads: Optional[dict], root: int, dests: Optional[Sequence[int]] = None,
+                      channel: str = "down"):
+        like = None if payloads is None else next(iter(payloads.values()), None)
+        got = self.inner.scatter_bytes(None if payloads is None else
+                                       {j: self._down(p) for j, p in payloads.items()}, root, dests, channel)
+        return None if got is None else self._up(got, like)
+
+    def broadcast_bytes(self, data, root: int, dests: Optional[Sequence[int]] = None,
+                        channel: str = "down"):
+        got = self.inner.broadcast_bytes(self._down(data), root, dests, channel)
+        return None if got is None else self._up(got, data)
+
+    def split(self, color: int, key: Optional[int] = None):
+        sub = self.inner.split(color, key)
+        return None if sub is None else Staged(sub, self.stage, self.direct_floats)

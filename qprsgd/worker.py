@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from . import checkpoint as ckpt
 from . import interrupt
 from .buckets import GradBuckets
+from .devices import is_device, to_host
 from .divergence import Detector
 from .experiment import Experiment
 from .logger import CHANNELS
@@ -47,7 +48,7 @@ class Loop:
         # algorithm that asks for it (grad(on_bucket=...)) range by range as backward produces it
         wc = exp.algorithm.env.worker_comm
         self.buckets = GradBuckets(exp.flat.params, exp.flat.blocks,
-                                   int(exp.cfg.train.bucket_mb * 2 ** 20), hooks=not exp.mirror.on_gpu,
+                                   int(exp.cfg.train.bucket_mb * 2 ** 20), hooks=exp.placement.kind in ("cpu", "sim"),
                                    poke=wc.progress if wc is not None else None)
 
     # -- accounting (the ledger is the only source of bytes and seconds) ------------------------
@@ -60,6 +61,7 @@ class Loop:
         led = self.exp.ledger
         self.row_comm0 = led.comm_seconds
         self.row_codec0 = led.codec_seconds
+        self.row_copy0 = led.copy_seconds
 
     def _bytes(self):
         """(total, up, down, messages) handed to the transport by this worker."""
@@ -86,18 +88,18 @@ class Loop:
             grad() will return) -- during backward on the CPU, in bucket order, every bucket
             exactly once before grad() returns."""
             t0 = time.perf_counter()
-            other0 = led.comm_seconds + led.codec_seconds
+            other0 = led.comm_seconds + led.codec_seconds + led.copy_seconds
             idx, _ = e.stream.next()
             gi = torch.from_numpy(e.train_idx[idx]).to(self.x_train.device)
             xb, yb = self.x_train[gi], self.y_train[gi]
-            e.mirror.to_device()
+            e.placement.before_forward()
             e.module.train()
             e.flat.zero_grad()
             out = e.module(xb)
             loss = lossf(out, yb)
+            gbuf = e.placement.g        # the flat gradient, on the model's device
             if on_bucket is not None:
-                host = e.mirror.host_grad()
-                self.buckets.begin(lambda lo, hi: on_bucket(host, lo, hi))
+                self.buckets.begin(lambda lo, hi: on_bucket(gbuf, lo, hi))
             try:
                 loss.backward()
             except BaseException:
@@ -105,12 +107,13 @@ class Loop:
                 raise
             self.row_loss += float(loss.detach())
             self.row_loss_n += 1
-            g = e.mirror.grad_to_host()
+            e.placement.after_backward()   # (GPU) backward is done before anyone reads g
+            g = gbuf
             if on_bucket is not None:
                 self.buckets.end()
             # compute time: without what the buckets' transport and codec work took meanwhile
             self.row_compute += (time.perf_counter() - t0
-                                 - (led.comm_seconds + led.codec_seconds - other0))
+                                 - (led.comm_seconds + led.codec_seconds + led.copy_seconds - other0))
             return g
 
         return grad
@@ -121,7 +124,7 @@ class Loop:
         e = self.exp
         loss_sum = correct = n = 0.0
         if e.is_worker and len(e.test_idx):
-            e.mirror.to_device()
+            e.placement.before_forward()
             e.module.eval()
             for s in range(0, len(e.test_idx), 1024):
                 gi = torch.from_numpy(e.test_idx[s:s + 1024]).to(self.x_test.device)
@@ -137,7 +140,7 @@ class Loop:
         cons = 0.0
         wc = e.algorithm.env.worker_comm
         if e.is_worker:
-            x = e.mirror.x.astype(np.float64)
+            x = e.placement.host_x().astype(np.float64)
             xbar = x.copy()
             wc.allreduce_mean(xbar, count=False)  # measurement traffic: neither bytes nor t_comm
             cons_local = float(np.sum((x - xbar) ** 2))
@@ -155,9 +158,9 @@ class Loop:
     def save_checkpoint(self, elapsed: float):
         e = self.exp
         rows = self.logger.rows() if self.logger is not None else {}
-        arrays = {"x": e.mirror.x}
-        for k, v in e.algorithm.state_dict().items():
-            arrays["alg/" + k] = v
+        arrays = {"x": e.placement.host_x()}
+        for k, v in e.algorithm.state_dict().items():   # device state: copied to the host here
+            arrays["alg/" + k] = to_host(v) if is_device(v) else v
         for k, v in e.flat.buffers_state().items():
             arrays["buf/" + k] = v
         if self.logger is not None:  # the log rows so far: a resume rebuilds run.h5 from them
@@ -179,8 +182,7 @@ class Loop:
     def load_checkpoint(self, info: dict):
         e = self.exp
         arrays, meta = ckpt.load_rank(e.out_dir, e.comm.rank, int(info["step"]))
-        e.mirror.x[...] = arrays["x"]
-        e.mirror.to_device()
+        e.placement.load_x(arrays["x"])
         e.algorithm.load_state_dict({k[4:]: v for k, v in arrays.items() if k.startswith("alg/")})
         e.flat.load_buffers_state({k[4:]: v for k, v in arrays.items() if k.startswith("buf/")})
         ckpt.set_rng_state(e.algorithm.env.rng, meta["rng_alg"])
@@ -200,16 +202,16 @@ class Loop:
         tot, up, down, msgs = self._bytes()
         led = e.ledger
         pbits = led.payload_bits
-        sums = e.comm.allreduce_scalars([self.row_loss, self.row_loss_n, tot, up, down, msgs, pbits]
-                                        + self._channels())
+        sums = e.comm.allreduce_scalars([self.row_loss, self.row_loss_n, tot, up, down, msgs, pbits,
+                                         led.copy_down_bytes] + self._channels())
         nch = len(CHANNELS)
-        ch_bytes = sums[7:7 + nch].astype(np.int64)
-        ch_msgs = sums[7 + nch:].astype(np.int64)
+        ch_bytes = sums[8:8 + nch].astype(np.int64)
+        ch_msgs = sums[8 + nch:].astype(np.int64)
         t_comm = led.comm_seconds - self.row_comm0
         # one MAX reduction gives the maxima and, through negation, the minimum of comm time
         maxes = e.comm.allreduce_scalars(
             [self.row_compute, led.codec_seconds - self.row_codec0,
-             t_comm, self.row_step, -t_comm], op="max")
+             t_comm, self.row_step, -t_comm, led.copy_seconds - self.row_copy0], op="max")
         comm_min = -maxes[4]
         per_rank = e.comm.gather_rows([msgs, tot])
         if self.logger is not None:
@@ -217,13 +219,13 @@ class Loop:
                 "step": self.t, "epoch": self.t / e.steps_per_epoch, "rounds": e.algorithm.rounds, "lr": lr,
                 "train_loss": sums[0] / sums[1] if sums[1] else float("nan"),
                 "bits_sent": int(8 * sums[2]), "bits_up": int(8 * sums[3]), "bits_down": int(8 * sums[4]),
-                "payload_bits": int(sums[6]), "messages": int(sums[5]),
+                "payload_bits": int(sums[6]), "messages": int(sums[5]), "bits_to_host": int(8 * sums[7]),
                 "wall_time": self.wall_offset + elapsed,
                 "t_compute": maxes[0], "t_codec": maxes[1], "t_comm": maxes[2], "t_comm_min": comm_min,
-                "t_step": maxes[3],
+                "t_step": maxes[3], "t_copy": maxes[5],
                 "steps": self.row_steps,
             }, per_rank=(per_rank[:, 0].astype(np.int64), per_rank[:, 1].astype(np.int64), ch_bytes, ch_msgs))
-        self.divergence.check(self.t, sums[0] / sums[1] if sums[1] else None, lr, e.mirror.x, e.comm)
+        self.divergence.check(self.t, sums[0] / sums[1] if sums[1] else None, lr, e.placement.x, e.comm)
         self._reset_row()
         return sums
 
@@ -279,4 +281,4 @@ class Loop:
     def final_params(self) -> Optional[np.ndarray]:
         """Gather every rank's flat parameters to rank 0 (world_size x d float32)."""
         e = self.exp
-        return e.comm.gather_vectors(np.ascontiguousarray(e.mirror.x, dtype=np.float32))
+        return e.comm.gather_vectors(np.ascontiguousarray(e.placement.host_x(), dtype=np.float32))

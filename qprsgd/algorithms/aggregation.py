@@ -92,10 +92,10 @@ class AllGatherMean:
 
     kind = "allgather"
 
-    def __init__(self, codec, d: int):
+    def __init__(self, codec, d: int, xp=np):
         self.codec, self.d = codec, int(d)
-        self._acc = np.empty(self.d, dtype=np.float32)   # scratch, allocated once
-        self._buf = np.empty(self.d, dtype=np.float32)
+        self._acc = xp.empty(self.d, dtype=np.float32)   # scratch, allocated once (x's device)
+        self._buf = xp.empty(self.d, dtype=np.float32)
 
     def mean(self, comm, v: np.ndarray, rng) -> np.ndarray:
         """The mean, in this aggregator's own buffer: valid until the next call (callers may
@@ -121,10 +121,10 @@ class BucketAllGatherMean:
 
     kind = "allgather (per bucket)"
 
-    def __init__(self, make_codec, blocks):
+    def __init__(self, make_codec, blocks, xp=np):
         if make_codec is None:
             raise ValueError("algorithm.per_bucket needs a codec (the codec section)")
-        self.make_codec, self.blocks = make_codec, tuple(blocks)
+        self.make_codec, self.blocks, self.xp = make_codec, tuple(blocks), xp
         self._codecs: dict = {}
         self._posted: list = []
         self._buf: Optional[np.ndarray] = None
@@ -138,14 +138,14 @@ class BucketAllGatherMean:
 
     def post(self, comm, v: np.ndarray, lo: int, hi: int, rng) -> None:
         c = self.codec_for(lo, hi)
-        q = c.encode(np.ascontiguousarray(v[lo:hi]), rng)
+        q = c.encode(self.xp.ascontiguousarray(v[lo:hi]), rng)
         self._posted.append((lo, hi, c, comm.iallgather_bytes(q.data, "allgather")))
 
     def finish(self, out: np.ndarray) -> np.ndarray:
         """Wait for every posted bucket and write its mean into out[lo:hi]; returns ``out``."""
         posted, self._posted = self._posted, []
         if self._buf is None or len(self._buf) < len(out):
-            self._buf = np.empty(len(out), dtype=np.float32)     # decode scratch, allocated once
+            self._buf = self.xp.empty(len(out), dtype=np.float32)  # decode scratch, allocated once
         for lo, hi, c, req in posted:
             _decoded_mean(c, req.wait(), out[lo:hi], self._buf[:hi - lo])
         return out
@@ -166,13 +166,13 @@ class ReduceScatterMean:
 
     kind = "reduce_scatter"
 
-    def __init__(self, make_codec, d: int, blocks, M: int):
+    def __init__(self, make_codec, d: int, blocks, M: int, xp=np):
         if make_codec is None:
             raise ValueError("aggregation 'reduce_scatter' needs a codec (the codec section)")
         if int(d) < int(M):
             raise ValueError(f"algorithm.aggregation = 'reduce_scatter' needs d >= M (one chunk per "
                              f"worker); got d = {d}, M = {M}")
-        self.d, self.M = int(d), int(M)
+        self.d, self.M, self.xp = int(d), int(M), xp
         self.bounds = chunk_bounds(self.d, self.M)
         self.codecs = [make_codec(hi - lo, chunk_blocks(blocks, lo, hi)) for lo, hi in self.bounds]
 
@@ -180,18 +180,19 @@ class ReduceScatterMean:
         if comm.size != self.M:
             raise ValueError(f"reduce_scatter built for {self.M} workers, transport has {comm.size}")
         r = comm.rank
-        v = np.ascontiguousarray(v, dtype=np.float32)
+        xp = self.xp
+        v = xp.ascontiguousarray(v, dtype=np.float32)
         sends = [self.codecs[j].encode(v[lo:hi], rng).data for j, (lo, hi) in enumerate(self.bounds)]  # 1.
         got = comm.alltoall_bytes(sends, "alltoall")                                                    # 2.
         lo, hi = self.bounds[r]
         mine = self.codecs[r]
-        acc = np.zeros(hi - lo, dtype=np.float32)
-        buf = np.empty(hi - lo, dtype=np.float32)
+        acc = xp.zeros(hi - lo, dtype=np.float32)
+        buf = xp.empty(hi - lo, dtype=np.float32)
         for p in got:                                                                                   # 3.
             acc += mine.decode(p, out=buf)
         q = mine.encode(acc, rng)                                                                       # 4.
         parts = comm.allgather_bytes(q.data, "allgather")                                               # 5.
-        out = np.empty(self.d, dtype=np.float32)
+        out = xp.empty(self.d, dtype=np.float32)
         for j, (a, b) in enumerate(self.bounds):
             self.codecs[j].decode(parts[j], out=out[a:b])
         out /= np.float32(self.M)
@@ -212,9 +213,9 @@ class SummableMean:
 
     kind = "summable"
 
-    def __init__(self, d: int, levels: int, width: int, M: int):
+    def __init__(self, d: int, levels: int, width: int, M: int, xp=np):
         check_summable(levels, width, M)
-        self.d, self.L, self.width, self.M = int(d), int(levels), int(width), int(M)
+        self.d, self.L, self.width, self.M, self.xp = int(d), int(levels), int(width), int(M), xp
         self.dtype = _INT[self.width]
 
     def mean(self, comm, v: np.ndarray, rng) -> np.ndarray:
@@ -223,10 +224,10 @@ class SummableMean:
         t_local = time.perf_counter() - t0
         s = float(comm.allreduce_max([local], "allreduce")[0])                        # 1.
         t0 = time.perf_counter()
-        codes = np.zeros(self.d, dtype=self.dtype)
+        codes = self.xp.zeros(self.d, dtype=self.dtype)
         if s > 0:
-            y = (np.asarray(v, dtype=np.float64) / s) * self.L                         # 2.
-            y += rng.random(self.d)
+            y = (v.astype(np.float64) / s) * self.L                                    # 2.
+            y += self.xp.asarray(rng.random(self.d))   # (host draws, copied to x's device)
             np.floor(y, out=y)
             np.clip(y, -self.L, self.L, out=y)
             codes[...] = y
@@ -239,12 +240,13 @@ class SummableMean:
         return out
 
 
-def make_aggregator(kind: str, env, levels: Optional[int] = None, width: Optional[int] = None):
-    """The aggregator for ``algorithm.aggregation`` on this worker (``env.M`` workers)."""
+def make_aggregator(kind: str, env, levels: Optional[int] = None, width: Optional[int] = None, xp=np):
+    """The aggregator for ``algorithm.aggregation`` on this worker (``env.M`` workers), its
+    scratch on the device of array module ``xp`` (the algorithm's)."""
     if kind == "allgather":
-        return AllGatherMean(env.codec, env.d)
+        return AllGatherMean(env.codec, env.d, xp)
     if kind == "reduce_scatter":
-        return ReduceScatterMean(env.make_codec, env.d, env.blocks, env.M)
+        return ReduceScatterMean(env.make_codec, env.d, env.blocks, env.M, xp)
     if kind == "summable":
-        return SummableMean(env.d, levels, width, env.M)
+        return SummableMean(env.d, levels, width, env.M, xp)
     raise ValueError(f"algorithm.aggregation must be one of {AGGREGATIONS}, got {kind!r}")

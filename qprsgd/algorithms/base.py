@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Optional, Protocol, Sequence, Union, 
 import numpy as np
 
 from ..codecs.base import Codec
+from ..devices import array_module, to_device
 
 
 @runtime_checkable
@@ -151,6 +152,9 @@ class Algorithm:
     def __init__(self, x: Optional[np.ndarray], env: Env):
         self.x = x
         self.env = env
+        # the array module of x's device (numpy, cupy or the device simulator, qprsgd/devices.py):
+        # state is allocated with it, so the code the CPU tests run is the code a GPU runs
+        self.xp = array_module(x)
         self.rounds = 0  # communication (synchronization) rounds completed
 
     @classmethod
@@ -186,21 +190,23 @@ class Algorithm:
         if not lam:
             return
         if getattr(self, "_wd_scratch", None) is None:
-            self._wd_scratch = np.empty(self.env.d, dtype=np.float32)
+            self._wd_scratch = self.xp.empty(self.env.d, dtype=np.float32)
         s = self._wd_scratch[lo:hi]
         np.multiply(self.x[lo:hi], lam, out=s)
         g[lo:hi] += s
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue bit-identically (numpy arrays and scalars only)."""
+        """Everything needed to continue bit-identically: arrays (of x's device; the worker copies
+        them to the host) and scalars."""
         return {"rounds": self.rounds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rounds = int(state["rounds"])
 
     @staticmethod
-    def _load_array(dst: np.ndarray, src) -> None:
+    def _load_array(dst, src) -> None:
+        """Checkpoint (host) array ``src`` into state array ``dst`` on its device."""
         src = np.asarray(src)
         if src.shape != dst.shape:
             raise ValueError(f"checkpoint array has shape {src.shape}, expected {dst.shape}")
-        dst[...] = src
+        to_device(src, dst, out=dst)

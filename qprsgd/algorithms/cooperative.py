@@ -198,7 +198,7 @@ class Cooperative(Algorithm):
         self.routes = [] if (self.allreduce or self.v == 0) else self._routes(topo)
 
         # node values: own auxiliary variables and copies of the remote ones; all start at x₀
-        x0 = np.array(x, dtype=np.float32) if x is not None else np.zeros(env.d, np.float32)
+        x0 = x.astype(np.float32, copy=True) if x is not None else np.zeros(env.d, np.float32)
         self.z: dict[int, np.ndarray] = {}
         for k, a in enumerate(self.my_aux):
             if k == 0 and not env.is_worker and x is not None:

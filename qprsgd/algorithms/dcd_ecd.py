@@ -71,7 +71,7 @@ class GossipAlgorithm(Algorithm):
         return self.mixer.exchange(data)
 
     def _decode(self, data) -> np.ndarray:
-        return np.asarray(self.env.codec.decode(data), dtype=np.float32)
+        return self.env.codec.decode(data).astype(np.float32, copy=False)
 
     def _neighbor_table(self) -> np.ndarray:
         return np.asarray(self.neighbors, dtype=np.int64)

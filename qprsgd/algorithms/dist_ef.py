@@ -43,6 +43,7 @@ from typing import Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..devices import data_ptr
 from ..registry import ALGORITHMS
 from .base import Algorithm
 
@@ -65,18 +66,19 @@ def lr_ratio(lr_prev: float, lr: float) -> np.float32:
 
 
 def _f32(v) -> np.ndarray:
-    return np.asarray(v, dtype=np.float32)
+    """``v`` as float32 on its own device (no copy when it already is)."""
+    return v.astype(np.float32, copy=False) if hasattr(v, "astype") else np.asarray(v, np.float32)
 
 
-def aligned_zeros(d: int, align: int = 64) -> np.ndarray:
+def aligned_zeros(d: int, align: int = 64, xp=np) -> np.ndarray:
     """A float32 zero vector whose data starts on an ``align``-byte boundary.
 
     Codec inputs live in such buffers: BLAS reductions (the sign codecs' sasum) sum in an order
     that depends on the address's alignment, so an input at a run-dependent malloc offset would
     make the scales -- and every iterate after them -- differ between runs and after a resume.
     """
-    raw = np.zeros(d + align // 4, dtype=np.float32)
-    off = (-raw.ctypes.data % align) // 4
+    raw = xp.zeros(d + align // 4, dtype=np.float32)    # (on the device of array module xp)
+    off = (-data_ptr(raw) % align) // 4
     return raw[off:off + d]
 
 
@@ -105,8 +107,8 @@ class SGDM(Algorithm):
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         self.mu = np.float32(momentum)
-        self.m = np.zeros(env.d, dtype=np.float32)
-        self._z = np.zeros(env.d, dtype=np.float32)        # scratch for z_t (no per-step temporary)
+        self.m = self.xp.zeros(env.d, dtype=np.float32)
+        self._z = self.xp.zeros(env.d, dtype=np.float32)   # scratch for z_t (no per-step temporary)
 
     def step(self, t, lr, grad):
         comm = self.env.worker_comm
@@ -167,8 +169,8 @@ class EFSGD(Algorithm):
                              "Use dist_ef_sgd for M > 1.")
         if env.codec is None:
             raise ValueError("ef_sgd needs a codec (the `codec` section)")
-        self.e = np.zeros(env.d, dtype=np.float32)
-        self._p = aligned_zeros(env.d)
+        self.e = self.xp.zeros(env.d, dtype=np.float32)
+        self._p = aligned_zeros(env.d, xp=self.xp)
 
     def step(self, t, lr, grad):
         env = self.env
@@ -211,7 +213,7 @@ class _ServerAlgorithm(Algorithm):
     def push(self, data: Optional[np.ndarray]) -> Optional[list]:
         """Workers push ``data`` (channel "up"); the server returns the payloads in worker order."""
         env = self.env
-        out = env.comm.gather_bytes(data if data is not None else np.zeros(0, np.uint8),
+        out = env.comm.gather_bytes(data if data is not None else self.xp.zeros(0, np.uint8),
                                     root=env.server, sources=env.workers, channel="up")
         return None if out is None else [out[j] for j in env.workers]
 
@@ -237,14 +239,15 @@ class _DistEF(_ServerAlgorithm):
         self.lr_prev = 0.0                                   # η_{−1} = 0
         d = env.d
         if self.is_worker:
-            self.e = np.zeros(d, dtype=np.float32)           # e_{0,i} = 0
-            self._p = aligned_zeros(d)                       # p_{t,i} (scratch, aligned codec input)
+            xp = self.xp
+            self.e = xp.zeros(d, dtype=np.float32)           # e_{0,i} = 0
+            self._p = aligned_zeros(d, xp=xp)                # p_{t,i} (scratch, aligned codec input)
             if self.momentum:
-                self.m = np.zeros(d, dtype=np.float32)       # m_{−1,i} = 0
-                self.m_wd = np.zeros(d, dtype=np.float32)    # m̃_{−1} = 0 (weight-decay momentum)
+                self.m = xp.zeros(d, dtype=np.float32)       # m_{−1,i} = 0
+                self.m_wd = xp.zeros(d, dtype=np.float32)    # m̃_{−1} = 0 (weight-decay momentum)
         if self.is_server:
-            self.e_srv = np.zeros(d, dtype=np.float32)       # ẽ_0 = 0
-            self._p_srv = aligned_zeros(d)                   # p̃_t (scratch, aligned codec input)
+            self.e_srv = self.xp.zeros(d, dtype=np.float32)  # ẽ_0 = 0
+            self._p_srv = aligned_zeros(d, xp=self.xp)       # p̃_t (scratch, aligned codec input)
 
     # -- the two halves every step shares ------------------------------------------------------
     def compress(self, p: np.ndarray):
@@ -466,7 +469,7 @@ class _MajorityVote(_ServerAlgorithm):
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         self.mu = np.float32(momentum)
         self.one_minus_mu = np.float32(1.0 - momentum)
-        self.m = np.zeros(env.d, dtype=np.float32) if self.is_worker else None
+        self.m = self.xp.zeros(env.d, dtype=np.float32) if self.is_worker else None
 
     def vote_and_apply(self, lr, up: Optional[np.ndarray]) -> None:
         payloads = self.push(up)                                              # push sign(v_i)

@@ -24,6 +24,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 
 from ..codecs.identity import from_raw as _identity_from_raw
+from ..devices import array_module
 from ..codecs.identity import raw_bytes as _identity_raw
 
 
@@ -42,10 +43,11 @@ def combine(terms: Sequence[tuple[int, float]], values: Mapping[int, np.ndarray]
             out: Optional[np.ndarray] = None) -> np.ndarray:
     """Σ over ``terms`` = [(j, w_j)] (ascending j) of w_j · values[j]: float64 accumulation,
     one rounding to float32 (into ``out`` if given)."""
-    acc = np.zeros(d, dtype=np.float64)
-    tmp = np.empty(d, dtype=np.float64)
+    xp = array_module(values[terms[0][0]]) if terms else np   # the values' device
+    acc = xp.zeros(d, dtype=np.float64)
+    tmp = xp.empty(d, dtype=np.float64)
     for j, w in terms:
-        np.multiply(np.asarray(values[j], dtype=np.float64), float(w), out=tmp)
+        np.multiply(values[j], float(w), out=tmp, dtype=np.float64)   # float64(v_j) · w_j
         acc += tmp
     if out is None:
         return acc.astype(np.float32)

@@ -24,6 +24,8 @@ from typing import Callable
 
 import numpy as np
 
+from ..devices import to_device
+
 
 class PairReferences:
     """Worker i's references h_{j→i} (in) and h_{i→j} (out) over a ``TopologySequence``."""
@@ -33,8 +35,9 @@ class PairReferences:
         self.inn = topo.in_peers(self.i)
         self.out = topo.out_peers(self.i)
         self._in_idx = {j: k for k, j in enumerate(self.inn)}
-        self.in_refs = np.tile(np.asarray(x0, np.float32), (len(self.inn), 1))
-        self.out_refs = np.tile(np.asarray(x0, np.float32), (len(self.out), 1))
+        x0 = x0.astype(np.float32, copy=False)          # (on x0's device)
+        self.in_refs = np.tile(x0, (len(self.inn), 1))
+        self.out_refs = np.tile(x0, (len(self.out), 1))
         self.fresh = np.ones(len(self.out), dtype=bool)
         self.transport, self.codec, self.rng = transport, codec, rng
 
@@ -53,7 +56,7 @@ class PairReferences:
         return v
 
     def _decode(self, data) -> np.ndarray:
-        return np.asarray(self.codec.decode(data), dtype=np.float32)
+        return self.codec.decode(data).astype(np.float32, copy=False)
 
     def talk(self, W_next: np.ndarray, shared_data, shared_decoded: np.ndarray,
              apply: Callable[[np.ndarray, np.ndarray], None],
@@ -92,4 +95,4 @@ class PairReferences:
             src, dst = np.asarray(s[name]), getattr(self, name)
             if src.shape != dst.shape:
                 raise ValueError(f"checkpoint array {name} has shape {src.shape}, expected {dst.shape}")
-            dst[...] = src
+            to_device(src, dst, out=dst)     # (references on x's device; ``fresh`` on the host)

@@ -26,7 +26,7 @@ def orthogonalize(P: np.ndarray) -> np.ndarray:
     """Gram–Schmidt (modified: each column against the finished ones, left to right) in float64,
     returned as float32.  A column that becomes zero stays zero.  Pure and sequential, so equal
     inputs give equal outputs on every worker."""
-    A = np.array(P, dtype=np.float64)
+    A = P.astype(np.float64, copy=True)          # (on P's device)
     for k in range(A.shape[1]):
         col = A[:, k]
         for j in range(k):
@@ -97,11 +97,13 @@ class PowerSGD(Algorithm):
         self.rank, self.momentum, self.start_steps = int(rank), float(momentum), int(start_steps)
         self.layout = _Layout(env.blocks, env.shapes, self.rank)
         qrng = np.random.default_rng([int(env.seed), 7])       # shared by every worker
-        self.Q = [qrng.standard_normal((m, r)).astype(np.float32) for _, _, m, r, _, _ in self.layout.mats]
-        self.e = np.zeros(env.d, dtype=np.float32)              # error feedback memory e_w
-        self.m = np.zeros(env.d, dtype=np.float32)              # momentum m
-        self._p = np.empty(self.layout.p_len, dtype=np.float32)
-        self._q = np.empty(self.layout.q_len, dtype=np.float32)
+        xp = self.xp                                            # state on x's device
+        self.Q = [xp.asarray(qrng.standard_normal((m, r)).astype(np.float32))
+                  for _, _, m, r, _, _ in self.layout.mats]
+        self.e = xp.zeros(env.d, dtype=np.float32)              # error feedback memory e_w
+        self.m = xp.zeros(env.d, dtype=np.float32)              # momentum m
+        self._p = xp.empty(self.layout.p_len, dtype=np.float32)
+        self._q = xp.empty(self.layout.q_len, dtype=np.float32)
 
     def _compressed_mean(self, D: np.ndarray) -> np.ndarray:
         """Steps 2–6 on Δ_w = D: returns Δ' and updates e_w and the warm-start Q."""
@@ -133,7 +135,7 @@ class PowerSGD(Algorithm):
     def step(self, t, lr, grad):
         g = self._wd(grad())                                                            # 1.
         if t < self.start_steps:
-            dp = self.env.worker_comm.allreduce_mean(np.array(g, dtype=np.float32, copy=True))
+            dp = self.env.worker_comm.allreduce_mean(g.astype(np.float32, copy=True))
         else:
             dp = self._compressed_mean(g + self.e)                                      # 1.–6.
         self.m *= np.float32(self.momentum)                                             # 7.

@@ -145,7 +145,7 @@ class _Aggregating(Algorithm):
 
     def _init_aggregation(self, aggregation: str, levels: int, width: int) -> None:
         self.aggregation = aggregation
-        self.agg = make_aggregator(aggregation, self.env, levels, width) if self.env.worker_comm is not None else None
+        self.agg = make_aggregator(aggregation, self.env, levels, width, self.xp) if self.env.worker_comm is not None else None
 
 
 class QSGDParams(AggregationParams):
@@ -191,7 +191,7 @@ class QSGD(_Aggregating):
         if per_bucket and aggregation != "allgather":
             raise ValueError(f"per_bucket needs aggregation 'allgather', got {aggregation!r}")
         self._init_aggregation(aggregation, levels, width)
-        self.buckets = (BucketAllGatherMean(env.make_codec, env.blocks or (env.d,))
+        self.buckets = (BucketAllGatherMean(env.make_codec, env.blocks or (env.d,), self.xp)
                         if per_bucket and env.worker_comm is not None else None)
 
     def step(self, t, lr, grad):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..devices import array_module
 from ..registry import CODECS
 from .base import Codec, CodecError, Payload
 
@@ -16,19 +17,20 @@ def raw_bytes(v) -> np.ndarray:
     """The identity wire bytes of a float32 vector, without a copy when ``v`` is already a
     contiguous little-endian float32 vector (no NaN/Inf check: the caller's model is sent as
     it is)."""
-    return np.ascontiguousarray(v, dtype="<f4").view(np.uint8)
+    return array_module(v).ascontiguousarray(v, dtype="<f4").view(np.uint8)
 
 
 def from_raw(buf, d: int) -> np.ndarray:
     """The float32 vector of an identity payload of d elements (a view of ``buf`` when it is
     contiguous); CodecError (a ValueError) when the length is not 4 d bytes."""
-    buf = np.asarray(buf)
+    if not hasattr(buf, "dtype"):   # bytes / memoryview; arrays stay on their device
+        buf = np.asarray(buf)
     if buf.dtype != np.uint8 or buf.ndim != 1:
         raise CodecError(f"identity: payload must be a 1-D uint8 buffer, got {buf.dtype} "
                          f"with shape {buf.shape}")
     if buf.nbytes != 4 * d:
         raise CodecError(f"identity: received {buf.nbytes} bytes, expected 4*d = {4 * d}")
-    return np.ascontiguousarray(buf).view("<f4").astype(np.float32, copy=False)
+    return array_module(buf).ascontiguousarray(buf).view("<f4").astype(np.float32, copy=False)
 
 
 class _IdNumpy:

@@ -17,6 +17,7 @@ from typing import Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..devices import array_module
 from ..registry import CODECS
 from .base import Codec, CodecError, Payload
 from .qsgd import norm_acc
@@ -33,14 +34,16 @@ class SignParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def pack_signs(v, xp=np):
+def pack_signs(v, xp=None):
     """The sign bits of the wire: 1 bit per element, MSB-first, zero-padded to a byte, bit 1 ⇔
-    v_j < 0 (sign(0) = sign(-0.0) = +1)."""
+    v_j < 0 (sign(0) = sign(-0.0) = +1).  On ``v``'s device (``xp``: its array module)."""
+    xp = array_module(v) if xp is None else xp
     return xp.packbits(xp.asarray(v) < 0)
 
 
 def _check_signs(data, d: int):
-    data = np.asarray(data)
+    if not hasattr(data, "dtype"):    # bytes / memoryview; arrays stay on their device
+        data = np.asarray(data)
     if data.dtype != np.uint8 or data.ndim != 1 or data.size != (d + 7) // 8:
         raise CodecError(f"sign payload must be {(d + 7) // 8} bytes for d={d}, got shape "
                          f"{getattr(data, 'shape', None)} dtype {getattr(data, 'dtype', None)}")
@@ -53,7 +56,8 @@ def _check_signs(data, d: int):
 def unpack_signs(data, d: int) -> np.ndarray:
     """The ±1 float32 vector of a :func:`pack_signs` payload of d elements (CodecError, a
     ValueError, on a wrong length or nonzero padding)."""
-    bits = np.unpackbits(_check_signs(data, d), count=d)
+    data = _check_signs(data, d)
+    bits = array_module(data).unpackbits(data)[:d]
     return np.float32(1.0) - np.float32(2.0) * bits.astype(np.float32)
 
 
@@ -64,10 +68,11 @@ def majority_signs(payloads, d: int) -> np.ndarray:
     M = len(payloads)
     if M < 1:
         raise ValueError("majority vote needs at least one payload")
-    neg = np.zeros(d, dtype=np.int64)
+    xp = array_module(payloads[0])
+    neg = xp.zeros(d, dtype=np.int64)
     for data in payloads:
-        neg += np.unpackbits(_check_signs(data, d), count=d)
-    return np.packbits(2 * neg > M)
+        neg += xp.unpackbits(_check_signs(data, d))[:d]
+    return xp.packbits(2 * neg > M)
 
 
 def l1_float64(xp, v) -> float:
