@@ -80,3 +80,32 @@ def test_cuda_resume_exact(tmp_path):
     cfg["train"].update({"epochs": 6, "checkpoint_every": 20, "log_every": 5})
     ref = run_many(2, {"ref": cfg}, tmp_path, mpi=True)["ref"]
     assert check_kill_resume(2, cfg, tmp_path, "gpu", ref, min_step=20, mpi=True) >= 20
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_payloads_equal_cpu_payloads_on_a_gpu():
+    """Every codec with a CUDA backend, on CuPy input on the GPU, gives the CPU backend's payload
+    byte for byte and the same decoded vector for the same input and draws (the simulator check
+    of tests/test_codecs_cuda.py, on the real device)."""
+    import cupy
+
+    from qprsgd.registry import CODECS
+
+    params = {"topk": {"k": 50}, "randk": {"k": 50}, "bernoulli_p": {"p": 0.1},
+              "stochastic_bits": {"b": 3}}
+    x = np.random.default_rng(0).standard_normal(4099).astype(np.float32)
+    checked = []
+    for name in CODECS.names():
+        f = CODECS.get(name).factory
+        if "cuda" not in getattr(f, "IMPLS", {}):
+            continue
+        kw = params.get(name, {})
+        cpu, gpu = f(x.size, None, **kw), f(x.size, None, xp=cupy, backend="cuda", **kw)
+        pc = cpu.encode(x, np.random.default_rng(1))
+        pg = gpu.encode(cupy.asarray(x), np.random.default_rng(1))
+        assert np.asarray(pc.data).tobytes() == cupy.asnumpy(pg.data).tobytes(), name
+        assert pc.nbits == pg.nbits, name
+        np.testing.assert_array_equal(cpu.decode(pc.data), cupy.asnumpy(gpu.decode(pg.data)), err_msg=name)
+        checked.append(name)
+    assert "qsgd" in checked and "block_sign" in checked
