@@ -64,17 +64,34 @@ class _Sparse(Codec):
         if d != self.d:
             raise CodecError(f"{self.name}: payload is for d={d}, this codec has d={self.d}")
 
+    def _record_error(self, code: int) -> CodecError:
+        """The CodecError of a bad index/value record section, checked in this order: 0 an
+        index >= d, 1 indices not strictly increasing, 2 a non-finite value (every backend's
+        message)."""
+        return CodecError(f"{self.name}: " + ("index out of range (>= d={d})",
+                                               "indices not strictly increasing",
+                                               "non-finite value (NaN/Inf)")[code].format(d=self.d))
+
     def _unpack(self, data, k, h, out=None):
+        """Check the k records from byte h and scatter them into ``out`` (zeros elsewhere): on
+        the device when the backend object has an ``unpack`` (the CUDA ones), else with the
+        array module (:meth:`_unpack_xp`)."""
+        unpack = getattr(self.impl, "unpack", None)
+        if unpack is not None:
+            return unpack(data, k, h, out)
+        return self._unpack_xp(data, k, h, out)
+
+    def _unpack_xp(self, data, k, h, out=None):
         xp = self.xp
         idx = data[h:h + 4 * k].copy().view("<u4").astype(xp.int64)
         vals = data[h + 4 * k:h + 8 * k].copy().view("<f4").astype(xp.float32)
         if k:
             if int(idx[-1]) >= self.d or int(idx.max()) >= self.d:
-                raise CodecError(f"{self.name}: index out of range (>= d={self.d})")
+                raise self._record_error(0)
             if k > 1 and not bool((idx[1:] > idx[:-1]).all()):
-                raise CodecError(f"{self.name}: indices not strictly increasing")
+                raise self._record_error(1)
             if not bool(xp.isfinite(vals).all()):
-                raise CodecError(f"{self.name}: non-finite value (NaN/Inf)")
+                raise self._record_error(2)
         out = self._out(out, zero=True)
         out[idx] = vals
         return out
@@ -116,17 +133,22 @@ def topk_argpartition(x, k: int):
     return idx
 
 
-def topk_threshold(xb, k: int) -> int:
-    """Magnitude-bits threshold t for the filtering pass: a strided sample of ``_SAMPLE``
+def topk_threshold(xb, k: int, sample: int = _SAMPLE) -> int:
+    """Magnitude-bits threshold t for the filtering pass: a strided sample of ``sample``
     elements of ``xb`` (x's float32 bits as uint32; masked to |x| here), its order statistic at rank
     q m + 4 sqrt(q m) + 2 from the top (q = k / d), so about k (1 + 4 / sqrt(q m)) elements
-    pass.  0 (every element) for short vectors.  Only speed depends on it: the selection
-    among the candidates is exact, and a threshold that lets fewer than k through is retried
-    with 0."""
+    pass.  0 (every element) for short vectors (d <= 4 ``sample``).  Only speed depends on it:
+    the selection among the candidates is exact, and a threshold that lets fewer than k through
+    is retried with 0."""
     d = int(xb.shape[0])
-    if d <= 4 * _SAMPLE:
+    if d <= 4 * sample:
         return 0
-    sample = np.asarray(xb[::d // _SAMPLE][:_SAMPLE]) & np.uint32(_MASK)
+    return sample_threshold(np.asarray(xb[::d // sample][:sample]) & np.uint32(_MASK), k, d)
+
+
+def sample_threshold(sample, k: int, d: int) -> int:
+    """:func:`topk_threshold` from the masked magnitude bits of the strided sample (the CUDA
+    backend gathers them on the device and brings only them to the host)."""
     m = int(sample.shape[0])
     qm = k * m / d
     r = int(math.ceil(qm + 4 * math.sqrt(qm) + 2))
@@ -147,6 +169,9 @@ class _TopkNumpy:
 
     def __init__(self, c):
         self.c = c
+
+    def encode(self, x):
+        return self.c._pack(*self.select(x))
 
     def select(self, x):
         c, xp = self.c, self.c.xp
@@ -172,6 +197,9 @@ class _TopkNumba:
         from . import _nb_topk
 
         self.c, self.k = c, _nb_topk
+
+    def encode(self, x):
+        return self.c._pack(*self.select(x))
 
     def select(self, x):
         c, K = self.c, self.k
@@ -204,6 +232,12 @@ class _TopkNumba:
         return idx, vals
 
 
+def _cuda_topk(c):
+    from ._cuda_sparse import TopkCuda
+
+    return TopkCuda(c)
+
+
 @CODECS.register("topk", params=KParams)
 class TopK(_FixedK):
     """Top-k by magnitude (dist-ef L46): uint32 d, k uint32 indices + k float32 values; biased
@@ -213,7 +247,7 @@ class TopK(_FixedK):
     name = "topk"
     unbiased = False
     deterministic = True
-    IMPLS = {"numpy": _TopkNumpy, "numba": _TopkNumba}
+    IMPLS = {"numpy": _TopkNumpy, "numba": _TopkNumba, "cuda": _cuda_topk}
 
     def __init__(self, d, blocks=None, xp=np, k: Optional[int] = None,
                  ratio: Optional[float] = None, **kw):
@@ -221,8 +255,7 @@ class TopK(_FixedK):
         self._make_impl()
 
     def encode(self, x, rng=None) -> Payload:
-        idx, vals = self.impl.select(x)
-        return Payload(self._pack(idx, vals), 32 + 64 * self.k)
+        return Payload(self.impl.encode(x), 32 + 64 * self.k)
 
 
 class _RandKNumpy:
@@ -276,6 +309,30 @@ class RandK(_FixedK):
         return Payload(self.impl.encode(x, idx), 32 + 64 * self.k)
 
 
+class _BernoulliNumpy:
+    """Vectorized keep decision, gather, float64 division and pack (any array module)."""
+
+    def __init__(self, c):
+        self.c = c
+
+    def encode(self, x, rng):
+        c, xp = self.c, self.c.xp
+        x = c._check_input(x)
+        u = draw_uniform32(xp, rng, c.d)
+        idx = xp.flatnonzero(u < np.float32(c.p))
+        vals = (x[idx].astype(xp.float64) / c.p).astype(xp.float32)
+        if not bool(xp.isfinite(vals).all()):
+            raise CodecError(f"{c.name}: z/p overflows float32")
+        k = int(idx.shape[0])
+        return c._pack(idx, vals, header=(k,)), k
+
+
+def _cuda_bernoulli(c):
+    from ._cuda_sparse import BernoulliCuda
+
+    return BernoulliCuda(c)
+
+
 @CODECS.register("bernoulli_p", params=BernoulliParams)
 class BernoulliP(_Sparse):
     """Keep each z_i w.p. p as z_i/p, else 0 (dcd-ecd fn. 2): uint32 d, uint32 count, indices,
@@ -284,12 +341,14 @@ class BernoulliP(_Sparse):
     name = "bernoulli_p"
     unbiased = True
     deterministic = False
+    IMPLS = {"numpy": _BernoulliNumpy, "cuda": _cuda_bernoulli}
 
     def __init__(self, d, blocks=None, xp=np, p: float = 0.5, **kw):
         super().__init__(d, blocks, xp, **kw)
         if not 0 < p <= 1:
-            raise ValueError("bernoulli_p: p must be in (0, 1]")
+            raise ValueError(f"bernoulli_p: p must be in (0, 1], got {p!r}")
         self.p = float(p)
+        self._make_impl()
 
     def __repr__(self):
         return f"{type(self).__name__}(d={self.d}, p={self.p})"
@@ -300,15 +359,8 @@ class BernoulliP(_Sparse):
         return math.sqrt((1.0 - p) / p)
 
     def encode(self, x, rng=None) -> Payload:
-        xp = self.xp
-        x = self._check_input(x)
-        u = draw_uniform32(xp, rng, self.d)
-        idx = xp.flatnonzero(u < np.float32(self.p))
-        vals = (x[idx].astype(xp.float64) / self.p).astype(xp.float32)
-        if not bool(xp.isfinite(vals).all()):
-            raise CodecError(f"{self.name}: z/p overflows float32")
-        k = int(idx.shape[0])
-        return Payload(self._pack(idx, vals, header=(k,)), 64 + 64 * k)
+        data, k = self.impl.encode(x, rng)
+        return Payload(data, 64 + 64 * k)
 
     def decode(self, data, out=None):
         data = self._as_bytes(data)
