@@ -10,9 +10,24 @@ assert os.environ.get("NUMBA_ENABLE_CUDASIM") == "1", "set NUMBA_ENABLE_CUDASIM=
 import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
+from numba import cuda  # noqa: E402
 
 from qprsgd.codecs import CodecError  # noqa: E402
+from qprsgd.codecs.sparse import sample_threshold  # noqa: E402
 from qprsgd.registry import CODECS  # noqa: E402
+
+
+def _poisoned_device_array(shape, dtype=np.float64, **kw):
+    """cuda.device_array with every byte 0xA5: a kernel that leaves part of a fresh payload or
+    scratch buffer unwritten is caught (numpy's allocator would often hand back a freed buffer
+    that still holds the previous, identical payload)."""
+    kw.pop("stream", None)
+    a = np.empty(shape, dtype=dtype, **kw)
+    a.reshape(-1).view(np.uint8).fill(0xA5)
+    return cuda.to_device(a)
+
+
+cuda.device_array = _poisoned_device_array
 
 # bernoulli_p's overflow case casts a too large float64 to float32 on purpose (on every thread
 # the simulator starts, so a filter, not np.errstate, which is per thread)
@@ -110,6 +125,9 @@ def check_topk_threshold(quick):
             assert pa == pg and pa[0] == "ok", (k, kind)
             last = g.impl.last
             assert last["t"] > 0 and last["fallback"] == (kind == "sample_heavy"), (k, kind, last)
+            # the device gathered the CPU's strided sample (x[::d // m][:m], m = 8 here)
+            want_t = sample_threshold(x.view(np.uint32)[::d // 8][:8] & np.uint32(0x7FFFFFFF), k, d)
+            assert last["t"] == want_t, (k, kind, last, want_t)
             checked += 1
     return checked
 

@@ -8,6 +8,18 @@ values as little-endian float32 in the same order.
                                                                                  nbits = 64 + 64 k
 Decoding rejects a payload for another d (the d field), a wrong length, indices >= d or not
 strictly increasing, non-finite values.
+
+Backends (``backend=``, see :mod:`.backends`; all give the same bytes, decoded vectors and
+generator state):
+  topk         numpy (vectorized: sampled threshold, ``flatnonzero``, ``partition`` of the keys),
+               numba (``_nb_topk.py``: the same selection, one fused filter + NaN pass),
+               cuda (``_cuda_sparse.py``: the same threshold, a filtering pass with block-aggregated
+               atomic compaction, radix select of the k-th key, bitmap + ordered compaction)
+  randk        numpy, cuda (``_cuda_backends.py``: host ``rng.choice``, device gather/scale/pack)
+  bernoulli_p  numpy, cuda (``_cuda_sparse.py``: host draws copied over, keep bitmap, ordered
+               compaction with the float64 division)
+Decoding runs on the device for topk and bernoulli_p with the cuda backend (``unpack``: checks
+into flags, then zero and scatter), with the array module otherwise.
 """
 from __future__ import annotations
 
@@ -133,17 +145,17 @@ def topk_argpartition(x, k: int):
     return idx
 
 
-def topk_threshold(xb, k: int, sample: int = _SAMPLE) -> int:
-    """Magnitude-bits threshold t for the filtering pass: a strided sample of ``sample``
+def topk_threshold(xb, k: int) -> int:
+    """Magnitude-bits threshold t for the filtering pass: a strided sample of ``_SAMPLE``
     elements of ``xb`` (x's float32 bits as uint32; masked to |x| here), its order statistic at rank
     q m + 4 sqrt(q m) + 2 from the top (q = k / d), so about k (1 + 4 / sqrt(q m)) elements
-    pass.  0 (every element) for short vectors (d <= 4 ``sample``).  Only speed depends on it:
-    the selection among the candidates is exact, and a threshold that lets fewer than k through
-    is retried with 0."""
+    pass.  0 (every element) for short vectors.  Only speed depends on it: the selection
+    among the candidates is exact, and a threshold that lets fewer than k through is retried
+    with 0."""
     d = int(xb.shape[0])
-    if d <= 4 * sample:
+    if d <= 4 * _SAMPLE:
         return 0
-    return sample_threshold(np.asarray(xb[::d // sample][:sample]) & np.uint32(_MASK), k, d)
+    return sample_threshold(np.asarray(xb[::d // _SAMPLE][:_SAMPLE]) & np.uint32(_MASK), k, d)
 
 
 def sample_threshold(sample, k: int, d: int) -> int:
