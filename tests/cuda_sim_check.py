@@ -80,7 +80,8 @@ def sparse_bads(name, data, d):
     if h == 8:
         bads += [put(4, d + 1), put(4, k + 1), put(4, max(k - 1, 0))]  # count > d, wrong count
     if k:
-        nan, inf = np.array([np.nan], "<f4").view(np.uint8), np.array([-np.inf], "<f4").view(np.uint8)
+        nan = np.array([np.nan], "<f4").view(np.uint8)
+        inf = np.array([-np.inf], "<f4").view(np.uint8)
         last_idx, first_val = h + 4 * (k - 1), h + 4 * k
         bads += [put(last_idx, d), put(h, 0xFFFFFFFF), put(first_val, nan), put(first_val, inf),
                  put(last_idx, d, put(first_val + 4 * (k - 1), nan))]
@@ -167,6 +168,8 @@ def main():
                 da, dg = outcome(lambda: a.decode(data)), outcome(lambda: g.decode(data))
                 assert da == dg, (name, params, d, kind)
                 checked += 1
+                if name in SPARSE and quick and kind != "gauss":
+                    continue        # the record checks do not depend on the vector: once
                 if name.startswith("qsgd") or name in ("stochastic_bits",) + SPARSE:
                     r = np.random.default_rng(d)
                     bads = [data[:n] for n in (0, 3, 4, len(data) - 1)] + \

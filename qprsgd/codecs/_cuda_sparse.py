@@ -107,7 +107,7 @@ def _scratch(c, name, n, dtype):
     return a
 
 
-# ---- kernels ------------------------------------------------------------------------------------
+# ---- kernels ---------------------------------------------------------------------------------
 @cuda.jit
 def zero(a):
     i = cuda.grid(1)
@@ -265,13 +265,15 @@ def check_records(data, h, k, d, res):
         return
     q = h + 4 * j
     i = (np.uint32(data[q]) | (np.uint32(data[q + 1]) << np.uint32(8))
-         | (np.uint32(data[q + 2]) << np.uint32(16)) | (np.uint32(data[q + 3]) << np.uint32(24)))
+         | (np.uint32(data[q + 2]) << np.uint32(16))
+         | (np.uint32(data[q + 3]) << np.uint32(24)))
     if np.int64(i) >= d:
         res[0] = 1
     if j > 0:
         q -= 4
         prev = (np.uint32(data[q]) | (np.uint32(data[q + 1]) << np.uint32(8))
-                | (np.uint32(data[q + 2]) << np.uint32(16)) | (np.uint32(data[q + 3]) << np.uint32(24)))
+                | (np.uint32(data[q + 2]) << np.uint32(16))
+                | (np.uint32(data[q + 3]) << np.uint32(24)))
         if i <= prev:
             res[1] = 1
     q = h + 4 * k + 4 * j
@@ -290,10 +292,11 @@ def scatter_records(data, h, k, out32):
          | (np.int64(data[q + 3]) << 24))
     q = h + 4 * k + 4 * j
     out32[i] = (np.uint32(data[q]) | (np.uint32(data[q + 1]) << np.uint32(8))
-                | (np.uint32(data[q + 2]) << np.uint32(16)) | (np.uint32(data[q + 3]) << np.uint32(24)))
+                | (np.uint32(data[q + 2]) << np.uint32(16))
+                | (np.uint32(data[q + 3]) << np.uint32(24)))
 
 
-# ---- shared host steps ----------------------------------------------------------------------------
+# ---- shared host steps -----------------------------------------------------------------------
 def _compact(c, words, xd, mode, p, h4, k_expected=None):
     """The ordered compaction of the bitmap ``words`` into a fresh payload (uint8 device array of
     4 h4 + 8 k bytes) and k; ``mode``/``p`` as :func:`emit`; CodecError when a bernoulli_p
@@ -368,7 +371,7 @@ class TopkCuda(_SparseCuda):
         xb = xd.view(np.uint32)
         t = 0
         if d > 4 * self.sample:
-            smp = K.empty(self.sample, np.uint32)
+            smp = _scratch(c, f"sample{self.sample}", self.sample, np.uint32)
             gather_sample[grid(self.sample)](xb, d // self.sample, smp)
             t = sample_threshold(K.host(smp), k, d)
         keys = _scratch(c, "keys", d, np.uint64)
