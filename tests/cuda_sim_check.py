@@ -7,16 +7,45 @@ import sys
 
 assert os.environ.get("NUMBA_ENABLE_CUDASIM") == "1", "set NUMBA_ENABLE_CUDASIM=1 before starting"
 
+import warnings  # noqa: E402
+
 import numpy as np  # noqa: E402
+from numba import cuda  # noqa: E402
 
 from qprsgd.codecs import CodecError  # noqa: E402
+from qprsgd.codecs.sparse import sample_threshold  # noqa: E402
 from qprsgd.registry import CODECS  # noqa: E402
+
+
+def _poisoned_device_array(shape, dtype=np.float64, **kw):
+    """cuda.device_array with every byte 0xA5: a kernel that leaves part of a fresh payload or
+    scratch buffer unwritten is caught (numpy's allocator would often hand back a freed buffer
+    that still holds the previous, identical payload)."""
+    kw.pop("stream", None)
+    a = np.empty(shape, dtype=dtype, **kw)
+    a.reshape(-1).view(np.uint8).fill(0xA5)
+    return cuda.to_device(a)
+
+
+cuda.device_array = _poisoned_device_array
+
+# bernoulli_p's overflow case casts a too large float64 to float32 on purpose (on every thread
+# the simulator starts, so a filter, not np.errstate, which is per thread)
+warnings.filterwarnings("ignore", message="overflow encountered in cast", category=RuntimeWarning)
 
 CASES = [("identity", {}, None), ("sign", {}, None), ("block_sign", {}, [3, 60, 1, 36]),
          ("stochastic_bits", {"b": 1}, None), ("stochastic_bits", {"b": 3}, None),
          ("stochastic_bits", {"b": 8}, None), ("stochastic_bits", {"b": 16}, None),
          ("qsgd", {}, None), ("qsgd", {"s": 1}, None), ("qsgd", {"s": 2**20}, None),
          ("qsgd_scaled", {"s": 7}, None), ("randk", {"k": 5}, None)]
+# sparse: topk with k = 1, most (past the ties at 0 and +-0.5), k = d and (not --quick) a few;
+# bernoulli_p with p small (k often 0-3), 1/2 and 1
+CASES += [("topk", {"ratio": 0.03}, None), ("topk", {"ratio": 0.8}, None),
+          ("topk", {"ratio": 1.0}, None), ("topk", {"ratio": 0.15}, None),
+          ("bernoulli_p", {"p": 0.05}, None), ("bernoulli_p", {"p": 0.5}, None),
+          ("bernoulli_p", {"p": 1.0}, None)]
+SPARSE = ("topk", "bernoulli_p")
+SLOW_ONLY = [("topk", {"ratio": 0.15})]
 
 
 def vec(kind, d, seed):
@@ -28,7 +57,80 @@ def vec(kind, d, seed):
     elif kind == "mixed":
         x *= r.choice(np.array([1e-30, 1.0, 1e30], np.float32), size=d)
         x[::3] = -0.0
+    elif kind == "ties":          # five magnitudes, +-0.0: top-k ties broken by index
+        x = (r.integers(-2, 3, d) * 0.5).astype(np.float32)
+        x[::4] = -0.0
     return x
+
+
+def sparse_bads(name, data, d):
+    """Malformed sparse payloads aimed at each check, and at their order (an out-of-range index
+    and a NaN value together must report the index, as the CPU does)."""
+    h = 8 if name == "bernoulli_p" else 4
+    k = (len(data) - h) // 8
+    u32 = lambda v: np.array([v], "<u4").view(np.uint8)  # noqa: E731
+    bads = []
+
+    def put(at, v, b=None):
+        b = data.copy() if b is None else b
+        b[at:at + 4] = v if isinstance(v, np.ndarray) and v.dtype == np.uint8 else u32(v)
+        return b
+
+    bads.append(put(0, d + 1))                                   # a payload for another d
+    if h == 8:
+        bads += [put(4, d + 1), put(4, k + 1), put(4, max(k - 1, 0))]  # count > d, wrong count
+    if k:
+        nan = np.array([np.nan], "<f4").view(np.uint8)
+        inf = np.array([-np.inf], "<f4").view(np.uint8)
+        last_idx, first_val = h + 4 * (k - 1), h + 4 * k
+        bads += [put(last_idx, d), put(h, 0xFFFFFFFF), put(first_val, nan), put(first_val, inf),
+                 put(last_idx, d, put(first_val + 4 * (k - 1), nan))]
+        if k >= 2:
+            i0 = int(data[h:h + 4].view("<u4")[0])
+            i1 = int(data[h + 4:h + 8].view("<u4")[0])
+            bads += [put(h, i1, put(h + 4, i0)), put(h + 4, i0),
+                     put(h + 4, i0, put(first_val, nan))]
+    return bads
+
+
+def check_encode_errors(a, g, d):
+    """A NaN or -Inf element (rejected before any draw: the generator state must match too) and,
+    for bernoulli_p with p < 1, every element 3e38 (z/p overflows float32 after the draws)."""
+    x = vec("gauss", d, 1)
+    ys = [np.where(np.arange(d) == d - 1, v, x).astype(np.float32) for v in (np.nan, -np.inf)]
+    if a.name == "bernoulli_p" and a.p < 1:
+        ys.append(np.full(d, 3e38, np.float32))
+    for y in ys:
+        ra, rg = np.random.default_rng(5), np.random.default_rng(5)
+        pa, pg = outcome(lambda: a.encode(y, ra)), outcome(lambda: g.encode(y, rg))
+        assert pa == pg and pa[0] == "CodecError", (a.name, pa, pg)
+        assert ra.bit_generator.state == rg.bit_generator.state, a.name
+    return len(ys)
+
+
+def check_topk_threshold(quick):
+    """topk's threshold path on a small vector: the CUDA backend's sample shrunk to 8 elements
+    so d = 160 > 4 * 8 filters with t > 0 (gauss), and falls back to t = 0 when the sampled
+    elements are the only large ones (sample_heavy).  The selection must not change."""
+    d = 160
+    checked = 0
+    for k in ((6,) if quick else (6, 20)):
+        a = CODECS.get("topk").factory(d, None, backend="numpy", k=k)
+        g = CODECS.get("topk").factory(d, None, backend="cuda", k=k)
+        g.impl.sample = 8
+        for kind in ("gauss", "sample_heavy"):
+            x = vec("gauss", d, k)
+            if kind == "sample_heavy":
+                x[::d // 8] = 100.0 + np.arange(len(x[::d // 8]), dtype=np.float32)
+            pa, pg = outcome(lambda: a.encode(x)), outcome(lambda: g.encode(x))
+            assert pa == pg and pa[0] == "ok", (k, kind)
+            last = g.impl.last
+            assert last["t"] > 0 and last["fallback"] == (kind == "sample_heavy"), (k, kind, last)
+            # the device gathered the CPU's strided sample (x[::d // m][:m], m = 8 here)
+            want_t = sample_threshold(x.view(np.uint32)[::d // 8][:8] & np.uint32(0x7FFFFFFF), k, d)
+            assert last["t"] == want_t, (k, kind, last, want_t)
+            checked += 1
+    return checked
 
 
 def outcome(f):
@@ -45,13 +147,16 @@ def main():
     quick = "--quick" in sys.argv     # the default test run: fewer sizes and vector kinds
     checked = 0
     for name, params, blocks in CASES:
-        if quick and name == "qsgd" and params:
+        if quick and ((name == "qsgd" and params) or [name, params] in map(list, SLOW_ONLY)):
             continue
         sizes = ([100] if blocks else [7, 100]) if not quick else ([100] if blocks else [37])
         for d in sizes:
             a = CODECS.get(name).factory(d, blocks, backend="numpy", **params)
             g = CODECS.get(name).factory(d, blocks, backend="cuda", **params)
-            for kind in (("gauss", "mixed") if quick else ("gauss", "zeros", "mixed")):
+            kinds = ("gauss", "mixed") if quick else ("gauss", "zeros", "mixed")
+            if name == "topk":
+                kinds += ("ties",)
+            for kind in kinds:
                 x = vec(kind, d, d)
                 ra, rg = np.random.default_rng(3), np.random.default_rng(3)
                 pa, pg = outcome(lambda: a.encode(x, ra)), outcome(lambda: g.encode(x, rg))
@@ -63,7 +168,9 @@ def main():
                 da, dg = outcome(lambda: a.decode(data)), outcome(lambda: g.decode(data))
                 assert da == dg, (name, params, d, kind)
                 checked += 1
-                if name.startswith("qsgd") or name == "stochastic_bits":
+                if name in SPARSE and quick and kind != "gauss":
+                    continue        # the record checks do not depend on the vector: once
+                if name.startswith("qsgd") or name in ("stochastic_bits",) + SPARSE:
                     r = np.random.default_rng(d)
                     bads = [data[:n] for n in (0, 3, 4, len(data) - 1)] + \
                         [np.concatenate([data, [0]])]
@@ -71,9 +178,14 @@ def main():
                         b = data.copy()
                         b[int(r.integers(0, len(b)))] ^= np.uint8(1 << int(r.integers(0, 8)))
                         bads.append(b)
+                    if name in SPARSE:
+                        bads += sparse_bads(name, data, d)
                     for b in bads:
                         assert outcome(lambda: a.decode(b)) == outcome(lambda: g.decode(b)), \
                             (name, params, d, kind, b.tobytes().hex())
+        if name in SPARSE:     # encode errors: NaN / Inf input (before any draw), z/p overflow
+            checked += check_encode_errors(a, g, d)
+    checked += check_topk_threshold(quick)
     print(f"cuda-sim ok {checked}")
 
 

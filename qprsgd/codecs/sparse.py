@@ -8,6 +8,18 @@ values as little-endian float32 in the same order.
                                                                                  nbits = 64 + 64 k
 Decoding rejects a payload for another d (the d field), a wrong length, indices >= d or not
 strictly increasing, non-finite values.
+
+Backends (``backend=``, see :mod:`.backends`; all give the same bytes, decoded vectors and
+generator state):
+  topk         numpy (vectorized: sampled threshold, ``flatnonzero``, ``partition`` of the keys),
+               numba (``_nb_topk.py``: the same selection, one fused filter + NaN pass),
+               cuda (``_cuda_sparse.py``: the same threshold, a filtering pass with block-aggregated
+               atomic compaction, radix select of the k-th key, bitmap + ordered compaction)
+  randk        numpy, cuda (``_cuda_backends.py``: host ``rng.choice``, device gather/scale/pack)
+  bernoulli_p  numpy, cuda (``_cuda_sparse.py``: host draws copied over, keep bitmap, ordered
+               compaction with the float64 division)
+Decoding runs on the device for topk and bernoulli_p with the cuda backend (``unpack``: checks
+into flags, then zero and scatter), with the array module otherwise.
 """
 from __future__ import annotations
 
@@ -64,17 +76,34 @@ class _Sparse(Codec):
         if d != self.d:
             raise CodecError(f"{self.name}: payload is for d={d}, this codec has d={self.d}")
 
+    def _record_error(self, code: int) -> CodecError:
+        """The CodecError of a bad index/value record section, checked in this order: 0 an
+        index >= d, 1 indices not strictly increasing, 2 a non-finite value (every backend's
+        message)."""
+        return CodecError(f"{self.name}: " + ("index out of range (>= d={d})",
+                                               "indices not strictly increasing",
+                                               "non-finite value (NaN/Inf)")[code].format(d=self.d))
+
     def _unpack(self, data, k, h, out=None):
+        """Check the k records from byte h and scatter them into ``out`` (zeros elsewhere): on
+        the device when the backend object has an ``unpack`` (the CUDA ones), else with the
+        array module (:meth:`_unpack_xp`)."""
+        unpack = getattr(self.impl, "unpack", None)
+        if unpack is not None:
+            return unpack(data, k, h, out)
+        return self._unpack_xp(data, k, h, out)
+
+    def _unpack_xp(self, data, k, h, out=None):
         xp = self.xp
         idx = data[h:h + 4 * k].copy().view("<u4").astype(xp.int64)
         vals = data[h + 4 * k:h + 8 * k].copy().view("<f4").astype(xp.float32)
         if k:
             if int(idx[-1]) >= self.d or int(idx.max()) >= self.d:
-                raise CodecError(f"{self.name}: index out of range (>= d={self.d})")
+                raise self._record_error(0)
             if k > 1 and not bool((idx[1:] > idx[:-1]).all()):
-                raise CodecError(f"{self.name}: indices not strictly increasing")
+                raise self._record_error(1)
             if not bool(xp.isfinite(vals).all()):
-                raise CodecError(f"{self.name}: non-finite value (NaN/Inf)")
+                raise self._record_error(2)
         out = self._out(out, zero=True)
         out[idx] = vals
         return out
@@ -126,7 +155,12 @@ def topk_threshold(xb, k: int) -> int:
     d = int(xb.shape[0])
     if d <= 4 * _SAMPLE:
         return 0
-    sample = np.asarray(xb[::d // _SAMPLE][:_SAMPLE]) & np.uint32(_MASK)
+    return sample_threshold(np.asarray(xb[::d // _SAMPLE][:_SAMPLE]) & np.uint32(_MASK), k, d)
+
+
+def sample_threshold(sample, k: int, d: int) -> int:
+    """:func:`topk_threshold` from the masked magnitude bits of the strided sample (the CUDA
+    backend gathers them on the device and brings only them to the host)."""
     m = int(sample.shape[0])
     qm = k * m / d
     r = int(math.ceil(qm + 4 * math.sqrt(qm) + 2))
@@ -147,6 +181,9 @@ class _TopkNumpy:
 
     def __init__(self, c):
         self.c = c
+
+    def encode(self, x):
+        return self.c._pack(*self.select(x))
 
     def select(self, x):
         c, xp = self.c, self.c.xp
@@ -172,6 +209,9 @@ class _TopkNumba:
         from . import _nb_topk
 
         self.c, self.k = c, _nb_topk
+
+    def encode(self, x):
+        return self.c._pack(*self.select(x))
 
     def select(self, x):
         c, K = self.c, self.k
@@ -204,6 +244,12 @@ class _TopkNumba:
         return idx, vals
 
 
+def _cuda_topk(c):
+    from ._cuda_sparse import TopkCuda
+
+    return TopkCuda(c)
+
+
 @CODECS.register("topk", params=KParams)
 class TopK(_FixedK):
     """Top-k by magnitude (dist-ef L46): uint32 d, k uint32 indices + k float32 values; biased
@@ -213,7 +259,7 @@ class TopK(_FixedK):
     name = "topk"
     unbiased = False
     deterministic = True
-    IMPLS = {"numpy": _TopkNumpy, "numba": _TopkNumba}
+    IMPLS = {"numpy": _TopkNumpy, "numba": _TopkNumba, "cuda": _cuda_topk}
 
     def __init__(self, d, blocks=None, xp=np, k: Optional[int] = None,
                  ratio: Optional[float] = None, **kw):
@@ -221,8 +267,7 @@ class TopK(_FixedK):
         self._make_impl()
 
     def encode(self, x, rng=None) -> Payload:
-        idx, vals = self.impl.select(x)
-        return Payload(self._pack(idx, vals), 32 + 64 * self.k)
+        return Payload(self.impl.encode(x), 32 + 64 * self.k)
 
 
 class _RandKNumpy:
@@ -276,6 +321,30 @@ class RandK(_FixedK):
         return Payload(self.impl.encode(x, idx), 32 + 64 * self.k)
 
 
+class _BernoulliNumpy:
+    """Vectorized keep decision, gather, float64 division and pack (any array module)."""
+
+    def __init__(self, c):
+        self.c = c
+
+    def encode(self, x, rng):
+        c, xp = self.c, self.c.xp
+        x = c._check_input(x)
+        u = draw_uniform32(xp, rng, c.d)
+        idx = xp.flatnonzero(u < np.float32(c.p))
+        vals = (x[idx].astype(xp.float64) / c.p).astype(xp.float32)
+        if not bool(xp.isfinite(vals).all()):
+            raise CodecError(f"{c.name}: z/p overflows float32")
+        k = int(idx.shape[0])
+        return c._pack(idx, vals, header=(k,)), k
+
+
+def _cuda_bernoulli(c):
+    from ._cuda_sparse import BernoulliCuda
+
+    return BernoulliCuda(c)
+
+
 @CODECS.register("bernoulli_p", params=BernoulliParams)
 class BernoulliP(_Sparse):
     """Keep each z_i w.p. p as z_i/p, else 0 (dcd-ecd fn. 2): uint32 d, uint32 count, indices,
@@ -284,12 +353,14 @@ class BernoulliP(_Sparse):
     name = "bernoulli_p"
     unbiased = True
     deterministic = False
+    IMPLS = {"numpy": _BernoulliNumpy, "cuda": _cuda_bernoulli}
 
     def __init__(self, d, blocks=None, xp=np, p: float = 0.5, **kw):
         super().__init__(d, blocks, xp, **kw)
         if not 0 < p <= 1:
-            raise ValueError("bernoulli_p: p must be in (0, 1]")
+            raise ValueError(f"bernoulli_p: p must be in (0, 1], got {p!r}")
         self.p = float(p)
+        self._make_impl()
 
     def __repr__(self):
         return f"{type(self).__name__}(d={self.d}, p={self.p})"
@@ -300,15 +371,8 @@ class BernoulliP(_Sparse):
         return math.sqrt((1.0 - p) / p)
 
     def encode(self, x, rng=None) -> Payload:
-        xp = self.xp
-        x = self._check_input(x)
-        u = draw_uniform32(xp, rng, self.d)
-        idx = xp.flatnonzero(u < np.float32(self.p))
-        vals = (x[idx].astype(xp.float64) / self.p).astype(xp.float32)
-        if not bool(xp.isfinite(vals).all()):
-            raise CodecError(f"{self.name}: z/p overflows float32")
-        k = int(idx.shape[0])
-        return Payload(self._pack(idx, vals, header=(k,)), 64 + 64 * k)
+        data, k = self.impl.encode(x, rng)
+        return Payload(data, 64 + 64 * k)
 
     def decode(self, data, out=None):
         data = self._as_bytes(data)
