@@ -27,6 +27,11 @@ from typing import Callable, Optional, Sequence
 BucketFn = Callable[[int, int], None]
 
 
+def cap_bytes(bucket_mb: float) -> int:
+    """``train.bucket_mb`` as the byte cap of :func:`plan` (MB = 2^20 bytes)."""
+    return int(bucket_mb * 2 ** 20)
+
+
 def plan(blocks: Sequence[int], cap_bytes: int, itemsize: int = 4) -> list[tuple[int, int, tuple[int, ...]]]:
     """The buckets of a flat vector made of parameter blocks (sizes ``blocks``, in order):
     ``[(lo, hi, parameter indices)]``, bucket 0 ending at the last parameter.  ``cap_bytes`` <= 0:

@@ -223,13 +223,22 @@ class Comm(TransportBase):
     def _waitall(self, handles) -> None:
         reqs = [h for h, _ in handles]
         self._wait(reqs, "point-to-point exchange", [p for _, p in handles])
+        if reqs and self._inflight:
+            done = set(map(id, reqs))
+            self._inflight = [r for r in self._inflight if id(r) not in done]
 
     # -- primitives ----------------------------------------------------------------------------
+    # point-to-point requests stay in ``_inflight`` until waited, so progress() (called from the
+    # backward hooks) also advances a per-bucket push posted to a parameter server
     def _isend(self, data, dest, tag, channel):
-        return (self.mpi.Isend(data, dest=dest, tag=tag), dest)
+        req = self.mpi.Isend(data, dest=dest, tag=tag)
+        self._inflight.append(req)
+        return (req, dest)
 
     def _irecv(self, buf, source, tag):
-        return (self.mpi.Irecv(buf, source=source, tag=tag), source)
+        req = self.mpi.Irecv(buf, source=source, tag=tag)
+        self._inflight.append(req)
+        return (req, source)
 
     def _recv_unknown(self, source, tag) -> np.ndarray:
         status = MPI.Status()

@@ -30,6 +30,7 @@ import torch
 
 from . import __version__
 from .algorithms.base import Algorithm, Env
+from .buckets import cap_bytes, plan as bucket_plan
 from .config import Config
 from .devices import array_module, gpu_for_rank, to_device, to_host
 from .registry import ALGORITHMS, CODECS, DATASETS, MODELS, TOPOLOGIES
@@ -423,6 +424,7 @@ def build(cfg: Config, comm, out_dir: str, data=None, topology=None, backend: st
         weight_decay=cfg.train.weight_decay,
         extra={} if topo is None else {"topology": topo},
         groups=groups, make_codec=make_codec, shapes=tuple(flat.shapes), seed=cfg.seed,
+        buckets=tuple((lo, hi) for lo, hi, _ in bucket_plan(flat.blocks, cap_bytes(cfg.train.bucket_mb))),
     )
     algo = cls(placement.x, env, **cfg.algorithm.kwargs())
     return Experiment(cfg, comm, roles, module, flat, data, train_idx, test_idx, stream, codec, algo,

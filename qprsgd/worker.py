@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import interrupt
-from .buckets import GradBuckets
+from .buckets import GradBuckets, cap_bytes
 from .devices import is_device, to_host
 from .divergence import Detector
 from .experiment import Experiment
@@ -46,10 +46,20 @@ class Loop:
         self.divergence = Detector()  # raises divergence.Diverged on every rank at the same row
         # gradient buckets (train.bucket_mb): hooks on the parameters hand the flat gradient to an
         # algorithm that asks for it (grad(on_bucket=...)) range by range as backward produces it
-        wc = exp.algorithm.env.worker_comm
-        self.buckets = GradBuckets(exp.flat.params, exp.flat.blocks,
-                                   int(exp.cfg.train.bucket_mb * 2 ** 20), hooks=exp.placement.kind in ("cpu", "sim"),
-                                   poke=wc.progress if wc is not None else None)
+        # (the hooks poke every transport the algorithm posts on: the workers' group for the
+        # all-reduce family, the world for a parameter server's per-bucket pushes)
+        env = exp.algorithm.env
+        pokes = [c.progress for c in (env.worker_comm, env.comm) if c is not None]
+        if env.worker_comm is env.comm:
+            pokes = pokes[:1]
+
+        def poke():
+            for p in pokes:
+                p()
+        self.buckets = GradBuckets(exp.flat.params, exp.flat.blocks, cap_bytes(exp.cfg.train.bucket_mb),
+                                   hooks=exp.placement.kind in ("cpu", "sim"), poke=poke)
+        if env.buckets and [(lo, hi) for lo, hi, _ in self.buckets.ranges] != list(env.buckets):
+            raise RuntimeError("the loop's gradient buckets differ from env.buckets (experiment.build)")
 
     # -- accounting (the ledger is the only source of bytes and seconds) ------------------------
     def _reset_row(self):

@@ -8,14 +8,16 @@ For each (model, ranks, algorithm) it runs ``mpiexec -n N qprsgd run`` with ``tr
 (A: the whole gradient all-reduced after backward) and with ``--bucket-mb`` (B: each bucket's
 all-reduce posted from the backward hooks; ``qsgd``: B is ``per_bucket: true``, each bucket
 encoded and all-gathered from the hooks -- a different compressor, so its B/A also carries the
-per-bucket codec's cost), interleaved A B B A A B ... ``--reps`` times, and
+per-bucket codec's cost; the parameter-server algorithms ``signsgd_mv``, ``signum_mv``,
+``dist_ef_blocksgd``, ``dist_ef_blocksgdm`` (rank 0 doubling as server, default codecs): B pushes
+each bucket to the server from the hooks, the same iterates), interleaved A B B A A B ... ``--reps`` times, and
 prints the medians over reps of the per-step time (``metrics/t_step``) and of the exposed
 communication time of the rank that waited least (``metrics/t_comm_min``: posting + waiting; the
 max over ranks is mostly waiting for a slower peer), the ratio B/A of the step times (< 1:
 overlap pays), and the share of A's communication time that B hid behind backward:
 1 − t_comm_min(B)/t_comm_min(A).
-Same seed, data and model in A and B: for psgd and sgdm their iterates are equal
-(tests/test_buckets.py).
+Same seed, data and model in A and B: for psgd, sgdm and the parameter-server algorithms above
+their iterates are equal (tests/test_buckets.py, tests/test_buckets_ps.py).
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--reps", type=int, default=3)
     a = ap.parse_args()
-    print(f"{'model':9s} {'ranks':>5s} {'alg':5s} {'step A ms':>9s} {'step B ms':>9s} {'B/A':>6s} "
+    print(f"{'model':9s} {'ranks':>5s} {'alg':17s} {'step A ms':>9s} {'step B ms':>9s} {'B/A':>6s} "
           f"{'comm A ms':>9s} {'comm B ms':>9s} {'hidden':>7s}   (A: bucket_mb 0, B: bucket_mb {a.bucket_mb:g})")
     worst = 0.0
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,7 +85,7 @@ def main() -> int:
                     cb = statistics.median(c for _, c in res["B"])
                     worst = max(worst, sb / sa)
                     hidden = f"{100 * (1 - cb / ca):6.0f}%" if ca > 0 else "    n/a"
-                    print(f"{model:9s} {n:5d} {alg:5s} {sa:9.2f} {sb:9.2f} {sb / sa:6.3f} {ca:9.2f} {cb:9.2f} "
+                    print(f"{model:9s} {n:5d} {alg:17s} {sa:9.2f} {sb:9.2f} {sb / sa:6.3f} {ca:9.2f} {cb:9.2f} "
                           f"{hidden}", flush=True)
     print(f"worst B/A: {worst:.3f}")
     return 0

@@ -88,7 +88,18 @@ def alg_configs(M: int) -> dict:
                       ("qsgd_per_bucket", {"name": "qsgd", "per_bucket": True})):
         out[name] = b(alg)
         out[name]["train"]["bucket_mb"] = 0.001
+    # parameter-server pushes per bucket (hidden [9]: d = 685, 4 buckets with edges 585, 675 off
+    # the bytes of the packed signs)
+    for name, alg, server in PS_BUCKETS:
+        out[name] = b(alg, server=server)
+        out[name]["model"]["hidden"] = [9]
+        out[name]["train"]["bucket_mb"] = 0.0002
     return out
+
+
+PS_BUCKETS = (("signsgd_mv_buckets", {"name": "signsgd_mv"}, "rank0"),
+              ("signum_mv_buckets", {"name": "signum_mv"}, "dedicated"),
+              ("dist_ef_blocksgdm_buckets", {"name": "dist_ef_blocksgdm"}, "rank0"))
 
 
 def test_alg_configs_cover_every_algorithm():
@@ -160,9 +171,30 @@ def test_inprocess_equals_mpi(M, tmp_path):
                                                                              "signum_mv", "dist_ef_sgd",
                                                                              "dist_ef_blocksgd",
                                                                              "dist_ef_blocksgdm",
-                                                                             "dist_ef_sgdm"}
+                                                                             "dist_ef_sgdm",
+                                                                             *(n for n, _, _ in PS_BUCKETS)}
     print(f"M={M} max relative difference in-process vs MPI:",
           " ".join(f"{k}={v:.1e}" for k, v in sorted(table.items())))
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(600)
+def test_ps_per_bucket_inprocess_equals_mpi_2_ranks(tmp_path):
+    """The cheap check of the parameter-server per-bucket pushes under MPI (the M sweep above
+    covers them too): 2 ranks, rank 0 doubling as server, buckets posted from the backward hooks
+    over the MPI point-to-point transport: the in-process run's parameters and bits, bit for bit."""
+    names = ("signsgd_mv_buckets", "dist_ef_blocksgdm_buckets")
+    cfgs = {k: v for k, v in alg_configs(2).items() if k in names}
+    (tmp_path / "ip").mkdir()
+    (tmp_path / "mpi").mkdir()
+    ip = run_many(2, cfgs, tmp_path / "ip")
+    mp = run_many(2, cfgs, tmp_path / "mpi", mpi=True, timeout=500)
+    for name in names:
+        a, b = read(str(ip[name])), read(str(mp[name]))
+        for k in ("bits_sent", "bits_up", "bits_down", "messages", "payload_bits", "rounds", "step"):
+            np.testing.assert_array_equal(a["metrics"][k], b["metrics"][k], err_msg=f"{name}: {k}")
+        assert b["attrs"]["backend"] == "mpi"
+        np.testing.assert_array_equal(a["final"]["params"], b["final"]["params"], err_msg=name)
 
 
 # ---------------------------------------------------------------------------------------------

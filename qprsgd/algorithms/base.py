@@ -105,6 +105,10 @@ class Env:
                                      # (d', blocks') -- same name and parameters; reduce_scatter's chunks
     shapes: tuple = ()               # parameter-tensor shapes (same order as ``blocks``)
     seed: int = 0                    # the run's seed (for draws every worker must share, e.g. PowerSGD's Q_0)
+    buckets: tuple = ()              # the gradient buckets ((lo, hi), ...) in the order grad(on_bucket)
+                                     # delivers them (qprsgd/buckets.plan of ``blocks``, train.bucket_mb);
+                                     # () = one bucket (0, d).  Known on every rank, a dedicated server
+                                     # too (it posts its receives per bucket without computing a gradient)
 
     @property
     def rank(self) -> int:

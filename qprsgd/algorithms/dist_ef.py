@@ -19,11 +19,19 @@ Conventions shared by the parameter-server classes (docs/algorithms-ps.md):
 * Server.  ``env.server`` is rank 0 (doubling as worker 0, ``run.server: rank0``) or a dedicated
   last rank (``run.server: dedicated``).  The server holds ẽ, never x (a dedicated server's
   parameter buffer is left untouched at x_0).
-* Transport.  Workers push Δ_{t,i} with ``comm.gather_bytes(.., channel="up")``; the server
-  decodes each, forms p̃_t, compresses it and sends the same bytes to every worker with
+* Transport.  Workers push Δ_{t,i} to the server (channel "up"), non-blocking, one payload per
+  gradient bucket where the algorithm works per bucket (issue 16: posted from the backward hooks;
+  ``_ServerAlgorithm.ipush``, ``env.buckets``), else one per step; the server decodes each, forms
+  p̃_t, compresses it and sends the same bytes to every worker with
   ``comm.broadcast_bytes(.., channel="down")``.  Every worker -- the server's own worker role
   included -- applies decode(the bytes it received), so all workers apply the identical Δ̃_t.
   Bits of both directions are therefore logged separately (``bits_up``, ``bits_down``).
+* Buckets.  Majority vote: always per bucket (sign is element-wise; byte-aligned shares of the
+  packed signs: the same iterates, bytes and bits).  dist_ef_*: ``per_bucket`` -- by default
+  exactly where the codec's statistics are per parameter block (``block_sign``, ``identity``:
+  the same iterates, ≤ 7 more padding bits per bucket up); ``true`` makes any codec per bucket
+  (a different compressor for a per-vector one, docs/algorithms-ps.md).  The pull stays one
+  message.
 * Mean.  p̃_t = (Σ_i Δ_{t,i}, summed in float32 in worker order 0..M−1) / M + r_t ẽ_t.
 * Rescaling.  r_t = η_{t−1}/η_t with η_{−1} = 0: r_0 = 0 without any division (the stored
   η_{t−1} is 0 before the first step).  With a step decay ÷10, r_t = 10 on the first step after
@@ -45,6 +53,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..devices import data_ptr
 from ..registry import ALGORITHMS
+from ..transport import Request
+from .aggregation import chunk_blocks
 from .base import Algorithm
 
 
@@ -198,8 +208,41 @@ class EFSGD(Algorithm):
 # ----------------------------------------------------------------------------------------------
 # parameter-server machinery shared by dist_ef_* and the majority votes
 # ----------------------------------------------------------------------------------------------
+def bucket_plan(env) -> list[tuple[int, int]]:
+    """``env.buckets`` as a list ([(0, d)] when empty), checked to be what ``buckets.plan`` makes:
+    contiguous ranges tiling [0, d) from the top down (bucket 0 ends at d, the last starts at 0)."""
+    d = env.d
+    plan = [(int(lo), int(hi)) for lo, hi in env.buckets] or [(0, d)]
+    top = d
+    for lo, hi in plan:
+        if hi != top or not lo < hi:
+            raise ValueError(f"env.buckets must tile [0, {d}) from the top down (buckets.plan), got {plan}")
+        top = lo
+    if top != 0:
+        raise ValueError(f"env.buckets must tile [0, {d}) from the top down (buckets.plan), got {plan}")
+    return plan
+
+
+def sign_segments(plan, d: int) -> list[tuple[int, int]]:
+    """Bucket k's share [a_k, b_k) of the packed sign vector: a_k = ⌈lo_k⌉₈, b_k = ⌈hi_k⌉₈ (⌈v⌉₈ the
+    next multiple of 8, at most d).  Every share but the top one starts and ends on a byte, so the
+    shares' packed bytes laid end to end are the whole vector's packing, byte for byte.  Bucket k
+    holds back its lowest < 8 elements for bucket k + 1 and sends the ones bucket k − 1 held back
+    (final by then: the buckets arrive from the top down); a share may be empty (no message)."""
+    def up(v):
+        return min(d, -(-v // 8) * 8)
+    return [(up(lo), up(hi)) for lo, hi in plan]
+
+
+def fixed_nbytes(codec) -> Optional[int]:
+    """The payload size of every encode of ``codec`` when it is fixed (its ``nbytes``: sign,
+    block_sign, stochastic_bits), else None (received at the wait, size unknown beforehand)."""
+    n = getattr(codec, "nbytes", None)
+    return int(n) if isinstance(n, (int, np.integer)) else None
+
+
 class _ServerAlgorithm(Algorithm):
-    """Roles and the two transfers of one step (push to the server, pull from it)."""
+    """Roles and the two transfers of one step (push to the server per bucket, pull from it)."""
 
     needs_server = True
 
@@ -209,13 +252,66 @@ class _ServerAlgorithm(Algorithm):
             raise ValueError(f"{self.name} needs a server rank (env.server is None)")
         self.is_server = env.rank == env.server
         self.is_worker = env.is_worker
+        self.plan = bucket_plan(env)
 
-    def push(self, data: Optional[np.ndarray]) -> Optional[list]:
-        """Workers push ``data`` (channel "up"); the server returns the payloads in worker order."""
+    def ipush(self, data: Optional[np.ndarray], nbytes: Optional[int]) -> Request:
+        """One bucket's push, posted now (channel "up"): a worker's payload ``data`` to the server.
+        Every rank calls it once per bucket, in bucket order (a dedicated server with None).
+        ``nbytes``: every worker's payload size, when known (the server posts exact receives at
+        once), else None (received at the wait).  ``wait()``: at the server, the payloads in
+        worker order (its own worker's crosses no transport and is not counted); else None."""
         env = self.env
-        out = env.comm.gather_bytes(data if data is not None else self.xp.zeros(0, np.uint8),
-                                    root=env.server, sources=env.workers, channel="up")
-        return None if out is None else [out[j] for j in env.workers]
+        comm, srv = env.comm, env.server
+        own = None
+        if self.is_server:
+            others = [j for j in env.workers if j != srv]
+            req = (comm.isendrecv_bytes({}, {j: nbytes for j in others}, channel="up") if nbytes is not None
+                   else comm.isparse_exchange({}, others, channel="up"))
+            own = data
+        else:
+            req = (comm.isendrecv_bytes({srv: data}, {}, channel="up") if nbytes is not None
+                   else comm.isparse_exchange({srv: data}, [], channel="up"))
+
+        def finish():
+            got = req.wait()
+            if not self.is_server:
+                return None
+            got = dict(got)
+            if own is not None:
+                got[srv] = own
+            return [got[j] for j in env.workers]
+        return Request(finish)
+
+    def each_bucket(self, grad, fn, per_bucket: bool = True) -> list:
+        """``fn(g, lo, hi, k)`` for each gradient bucket k = [lo, hi) of :attr:`plan` (a push
+        Request, or None); returns what it returned, in bucket order.  A worker calls it while
+        backward produces the bucket (``grad(on_bucket=...)``), or -- ``per_bucket`` False, today's
+        contract -- once for (0, d) after ``grad()``.  A dedicated server (no gradient) calls
+        ``fn(None, lo, hi, k)`` for every bucket at once: it posts its receives."""
+        plan = self.plan if per_bucket else [(0, self.env.d)]
+        out: list = []
+        if not self.is_worker:
+            return [fn(None, lo, hi, k) for k, (lo, hi) in enumerate(plan)]
+        if not per_bucket:
+            g = grad()
+            return [fn(g, 0, self.env.d, 0)]
+
+        def on_bucket(g, lo, hi):
+            k = len(out)
+            if k >= len(plan) or plan[k] != (lo, hi):
+                raise ValueError(f"{self.name}: gradient bucket [{lo}, {hi}) delivered as bucket {k}, but "
+                                 f"env.buckets (which the server posts its receives by) is {plan}")
+            out.append(fn(g, lo, hi, k))
+        grad(on_bucket=on_bucket)
+        if len(out) != len(plan):
+            raise ValueError(f"{self.name}: {len(out)} gradient buckets delivered, env.buckets has {len(plan)}")
+        return out
+
+    @staticmethod
+    def arrived(posted: list) -> list:
+        """Wait for every posted push: per bucket, the payloads in worker order at the server (None
+        elsewhere, and for a bucket that sent nothing)."""
+        return [None if r is None else r.wait() for r in posted]
 
     def pull(self, data: Optional[np.ndarray]) -> Optional[np.ndarray]:
         """The server sends ``data`` to every worker (channel "down"); each worker returns its copy."""
@@ -223,13 +319,44 @@ class _ServerAlgorithm(Algorithm):
         return env.comm.broadcast_bytes(data, root=env.server, dests=env.workers, channel="down")
 
 
+def per_bucket_exact(codec, env) -> bool:
+    """Is compressing each gradient bucket on its own the same compressor as one encode of the whole
+    vector (the same decoded values)?  Yes for a codec whose statistics are per parameter block,
+    the buckets being unions of whole blocks (``buckets.plan``): ``identity`` (element-wise) and
+    ``block_sign`` over the parameter blocks (not with ``block_size``).  No for the others: ``sign``'s
+    one scale, top-k's k, QSGD's norm are per vector."""
+    name = getattr(codec, "name", None)
+    if name == "identity":
+        return True
+    if name != "block_sign":
+        return False
+    blocks = tuple(env.blocks) or (env.d,)
+    if tuple(codec.blocks) != blocks:
+        return False
+    edges = set(np.cumsum((0,) + blocks).tolist())
+    return all(lo in edges and hi in edges for lo, hi in bucket_plan(env))
+
+
+class PerBucketParams(_Params):
+    per_bucket: Optional[bool] = Field(
+        None, description="compress and push each gradient bucket (train.bucket_mb) to the server as "
+        "backward produces it, each with its own codec: null (default) = exactly where that is the same "
+        "compressor (block_sign over the parameter blocks, identity: the same iterates as one bucket); "
+        "true = with any codec (a codec with per-vector statistics -- sign's scale, topk's k, QSGD's norm "
+        "-- computes them per bucket: a different compressor, docs/algorithms-ps.md); false = never")
+
+
+class MomentumPerBucketParams(MomentumParams, PerBucketParams):
+    pass
+
+
 class _DistEF(_ServerAlgorithm):
-    """State and server side of Algorithms 2–4 (subclasses write the worker side)."""
+    """State and server side of Algorithms 2–4 (subclasses write the worker lines of one bucket)."""
 
     uses_codec = True
     momentum = False
 
-    def __init__(self, x, env, momentum: float = 0.0):
+    def __init__(self, x, env, momentum: float = 0.0, per_bucket: Optional[bool] = None):
         super().__init__(x, env)
         if env.codec is None:
             raise ValueError(f"{self.name} needs a codec (the `codec` section)")
@@ -248,23 +375,61 @@ class _DistEF(_ServerAlgorithm):
         if self.is_server:
             self.e_srv = self.xp.zeros(d, dtype=np.float32)  # ẽ_0 = 0
             self._p_srv = aligned_zeros(d, xp=self.xp)       # p̃_t (scratch, aligned codec input)
+        # per gradient bucket (issue 16): on where asked, or (None) where it is the same compressor
+        self.per_bucket = per_bucket_exact(env.codec, env) if per_bucket is None else bool(per_bucket)
+        self._codecs = {(0, d): env.codec}
+        if self.per_bucket:                                  # C_b of every bucket, built and warmed now
+            for lo, hi in self.plan:
+                if (lo, hi) != (0, d):
+                    self.codec_for(lo, hi).warmup()
+
+    def codec_for(self, lo: int, hi: int):
+        """C_b of bucket [lo, hi): the configured codec and parameters for length hi − lo and the
+        parameter blocks in it (``env.make_codec``); the configured codec itself for (0, d)."""
+        c = self._codecs.get((lo, hi))
+        if c is None:
+            if self.env.make_codec is None:
+                raise ValueError(f"{self.name}: per-bucket compression needs env.make_codec")
+            c = self._codecs[(lo, hi)] = self.env.make_codec(
+                hi - lo, chunk_blocks(self.env.blocks or (self.env.d,), lo, hi))
+        return c
 
     # -- the two halves every step shares ------------------------------------------------------
-    def compress(self, p: np.ndarray):
+    def compress(self, p: np.ndarray, codec=None):
         """(payload bytes, Δ = decode(bytes)): what is sent and what the receiver will see."""
-        c = self.env.codec
+        c = self.env.codec if codec is None else codec
         data = c.encode(p, self.env.rng).data
         return data, _f32(c.decode(data))
 
-    def server_step(self, r: np.float32, payloads: Optional[list]) -> Optional[np.ndarray]:
-        """Server lines: p̃ = (1/M) Σ_i Δ_i + r ẽ;  Δ̃ = C(p̃);  ẽ ← p̃ − Δ̃.  Returns Δ̃'s bytes."""
+    def worker_p(self, g: np.ndarray, r: np.float32, lo: int, hi: int) -> np.ndarray:  # pragma: no cover
+        """p_{t,i}[lo:hi] from this bucket of the gradient (the algorithm's lines), in ``self._p``."""
+        raise NotImplementedError
+
+    def push_bucket(self, r: np.float32):
+        """``each_bucket``'s fn: the worker lines of one bucket, then its push (a dedicated server:
+        its receives).  Δ_b = C_b(p[lo:hi]); e[lo:hi] = p[lo:hi] − Δ_b."""
+        def fn(g, lo, hi, k):
+            c = self.codec_for(lo, hi)
+            data = None
+            if g is not None:
+                p = self.worker_p(g, r, lo, hi)              # p_{t,i} on the bucket
+                data, delta = self.compress(p, c)            # Δ_{t,i} = C_b(p_{t,i})
+                np.subtract(p, delta, out=self.e[lo:hi])     # e_{t+1,i} = p_{t,i} − Δ_{t,i}
+            return self.ipush(data, fixed_nbytes(c))         # push Δ_{t,i} (posted now)
+        return fn
+
+    def server_step(self, r: np.float32, arrived: list) -> Optional[np.ndarray]:
+        """Server lines: p̃ = (1/M) Σ_i Δ_i + r ẽ;  Δ̃ = C(p̃);  ẽ ← p̃ − Δ̃.  Returns Δ̃'s bytes.
+        ``arrived``: per bucket of the step, the workers' payloads in worker order."""
         if not self.is_server:
             return None
-        c = self.env.codec
         acc = self._p_srv
         acc[...] = 0
-        for data in payloads:                                # Σ_i Δ_{t,i}, worker order
-            acc += _f32(c.decode(data))
+        plan = self.plan if self.per_bucket else [(0, self.env.d)]
+        for (lo, hi), payloads in zip(plan, arrived):        # Σ_i Δ_{t,i}, worker order, per bucket
+            c, a = self.codec_for(lo, hi), acc[lo:hi]
+            for data in payloads:
+                a += _f32(c.decode(data))
         acc /= np.float32(self.env.M)
         acc += r * self.e_srv                                # p̃_t = mean_i Δ_{t,i} + r_t ẽ_t
         p_srv = acc
@@ -313,7 +478,7 @@ class _DistEF(_ServerAlgorithm):
             self._load_array(self.e_srv, state["e_srv"])
 
 
-@ALGORITHMS.register("dist_ef_sgd")
+@ALGORITHMS.register("dist_ef_sgd", params=PerBucketParams)
 class DistEFSGD(_DistEF):
     """Distributed SGD with error feedback (dist-ef-blocksgdm Algorithm 2, L73–85), any compressor.
 
@@ -331,32 +496,39 @@ class DistEFSGD(_DistEF):
     Line 7 needs Δ̃_t, so it runs after lines 10–11 in time.  Default codec ``sign`` (the
     scaled sign ‖v‖₁/d · sign(v), eq. (1)); any codec may be configured, e.g. ``qsgd_scaled``
     (c·Q_s, L111) or ``topk``; with ``identity`` this is full-precision distributed SGD (L69).
+
+    Per bucket (issue 16, ``per_bucket``): lines 5, 6 and 8 run for each gradient bucket
+    [lo, hi) while backward produces it -- p, Δ = C_b(p) and e on the bucket, C_b the configured
+    codec built for the bucket (``codec_for``), its payload pushed at once -- and line 10 decodes
+    each bucket's payloads into p̃[lo:hi]; lines 11, 12 and 7 are unchanged (one Δ̃ for the whole
+    vector).  Default (``per_bucket`` null): on exactly where C_b is the same compressor
+    (``per_bucket_exact``: block_sign over the parameter blocks, identity), where the iterates
+    equal one bucket's bit for bit; ``true`` with another codec is a different compressor on the
+    workers (docs/algorithms-ps.md).
     """
 
     name = "dist_ef_sgd"
     default_codec = "sign"
 
-    def __init__(self, x, env):
-        super().__init__(x, env, momentum=0.0)
+    def __init__(self, x, env, per_bucket: Optional[bool] = None):
+        super().__init__(x, env, momentum=0.0, per_bucket=per_bucket)
+
+    def worker_p(self, g, r, lo, hi):
+        p = self._p[lo:hi]
+        np.multiply(r, self.e[lo:hi], out=p)                 # 5. p_{t,i} = g_{t,i} + r_t e_{t,i}
+        p += g[lo:hi]
+        return p
 
     def step(self, t, lr, grad):
         r = lr_ratio(self.lr_prev, lr)                       # 3. r_t = η_{t−1}/η_t
-        up = None
-        if self.is_worker:                                   # 4.
-            g = grad()
-            p = self._p
-            np.multiply(r, self.e, out=p)                    # 5. p_{t,i} = g_{t,i} + r_t e_{t,i}
-            p += g
-            up, delta = self.compress(p)                     # 6. Δ_{t,i} = C(p_{t,i})
-            np.subtract(p, delta, out=self.e)                # 8. e_{t+1,i} = p_{t,i} − Δ_{t,i}
-        payloads = self.push(up)                             # 6./10. push, pull at the server
-        down = self.server_step(r, payloads)                 # 10.–12.
+        posted = self.each_bucket(grad, self.push_bucket(r), self.per_bucket)   # 4.–6., 8. per bucket
+        down = self.server_step(r, self.arrived(posted))     # 10.–12. (6./10. the pushes arrive)
         self.apply(lr, self.pull(down))                      # 11. push Δ̃_t; 7. x_{t+1}
         self.lr_prev = lr
         self.rounds += 1
 
 
-@ALGORITHMS.register("dist_ef_blocksgd")
+@ALGORITHMS.register("dist_ef_blocksgd", params=PerBucketParams)
 class DistEFBlockSGD(DistEFSGD):
     """Distributed blockwise SGD with error feedback (dist-ef-blocksgdm Algorithm 3).
 
@@ -366,13 +538,16 @@ class DistEFBlockSGD(DistEFSGD):
     η_t(Δ̃_t + λx_t); 8. e_{t+1,i} = p_{t,i} − Δ_{t,i}; 10. p̃_t = mean_i Δ_{t,i} + r_t ẽ_t;
     11. push C_B(p̃_t); 12. ẽ_{t+1} = p̃_t − Δ̃_t.  Per step M(d + 32B) bits go up and the
     same come down: 2Md + 64MB (Table 1, L179), plus at most 7 padding bits per message.
+    C_B's scales are per block and a gradient bucket is a union of whole blocks, so by default
+    lines 5, 6 and 8 run per bucket as backward produces it (Algorithm 2's ``per_bucket``): the
+    same iterates; each bucket is its own message up (≤ 7 padding bits each).
     """
 
     name = "dist_ef_blocksgd"
     default_codec = "block_sign"
 
 
-@ALGORITHMS.register("dist_ef_blocksgdm", params=MomentumParams)
+@ALGORITHMS.register("dist_ef_blocksgdm", params=MomentumPerBucketParams)
 class DistEFBlockSGDM(_DistEF):
     """Distributed blockwise momentum SGD with error feedback (dist-ef-blocksgdm Algorithm 4, L187–199).
 
@@ -391,39 +566,42 @@ class DistEFBlockSGDM(_DistEF):
      12.     push Δ̃_t = C_B(p̃_t) to each worker  (the box's "‖p̃_t, G_b‖" is ‖p̃_{t,G_b}‖)
      13.     ẽ_{t+1} = p̃_t − Δ̃_t
     Default codec ``block_sign``.  With μ = 0 the iterates are bit-identical to dist_ef_blocksgd.
+
+    Per bucket (issue 16, ``per_bucket`` as Algorithm 2's): lines 5, 6, 7 and 9 run for each
+    gradient bucket while backward produces it, line 11 decodes per bucket; by default on with
+    ``block_sign`` over the parameter blocks (the same iterates), off with a per-vector codec.
     """
 
     name = "dist_ef_blocksgdm"
     default_codec = "block_sign"
     momentum = True
 
-    def __init__(self, x, env, momentum: float = 0.9):
-        super().__init__(x, env, momentum=momentum)
+    def __init__(self, x, env, momentum: float = 0.9, per_bucket: Optional[bool] = None):
+        super().__init__(x, env, momentum=momentum, per_bucket=per_bucket)
+
+    def worker_p(self, g, r, lo, hi):
+        m, gb, p = self.m[lo:hi], g[lo:hi], self._p[lo:hi]
+        m *= self.mu                                         # 5. m_{t,i} = μ m_{t−1,i} + g_{t,i}
+        m += gb
+        np.multiply(self.mu, m, out=p)                       # 6. p_{t,i} = μ m_{t,i} + g_{t,i} + r_t e_{t,i}
+        p += gb
+        p += r * self.e[lo:hi]
+        return p
 
     def step(self, t, lr, grad):
         r = lr_ratio(self.lr_prev, lr)                       # 3. r_t = η_{t−1}/η_t
-        up = None
-        if self.is_worker:                                   # 4.
-            g = grad()
-            self.m *= self.mu                                # 5. m_{t,i} = μ m_{t−1,i} + g_{t,i}
-            self.m += g
-            p = self._p
-            np.multiply(self.mu, self.m, out=p)              # 6. p_{t,i} = μ m_{t,i} + g_{t,i} + r_t e_{t,i}
-            p += g
-            p += r * self.e
-            up, delta = self.compress(p)                     # 7. Δ_{t,i} = C(p_{t,i})
-            np.subtract(p, delta, out=self.e)                # 9. e_{t+1,i} = p_{t,i} − Δ_{t,i}
-        payloads = self.push(up)                             # 7./11. push, pull at the server
-        down = self.server_step(r, payloads)                 # 11.–13.
+        posted = self.each_bucket(grad, self.push_bucket(r), self.per_bucket)   # 4.–7., 9. per bucket
+        down = self.server_step(r, self.arrived(posted))     # 11.–13. (7./11. the pushes arrive)
         self.apply(lr, self.pull(down))                      # 12. push Δ̃_t; 8. x_{t+1} (+ m̃)
         self.lr_prev = lr
         self.rounds += 1
 
 
-@ALGORITHMS.register("dist_ef_sgdm", params=MomentumParams)
+@ALGORITHMS.register("dist_ef_sgdm", params=MomentumPerBucketParams)
 class DistEFSGDM(DistEFBlockSGDM):
     """Momentum dist-EF-SGD with any compressor: Algorithm 4 with C in place of C_B ("the
-    corresponding non-block variant is analogous", L183).  Default codec ``sign`` (eq. (1))."""
+    corresponding non-block variant is analogous", L183).  Default codec ``sign`` (eq. (1)), whose
+    one scale is per vector: per bucket only with ``per_bucket: true`` (then a scale per bucket)."""
 
     name = "dist_ef_sgdm"
     default_codec = "sign"
@@ -459,7 +637,14 @@ def majority_vote(payloads, d: int) -> np.ndarray:
 
 
 class _MajorityVote(_ServerAlgorithm):
-    """Worker sends sign(v_i) (1 bit/element); the server returns sign(Σ_i sign(v_i)) (1 bit/element)."""
+    """Worker sends sign(v_i) (1 bit/element); the server returns sign(Σ_i sign(v_i)) (1 bit/element).
+
+    Per bucket, always (issue 16): the sign is element-wise, so bucket k's share [a_k, b_k) of
+    the packed signs (:func:`sign_segments`, byte-aligned) is pushed as soon as backward has
+    produced it; the server votes share by share into one packed vector, byte for byte the
+    whole-vector vote, and pulls it back whole.  Same iterates, bytes and bits as one bucket;
+    one message up per non-empty share instead of one per step.
+    """
 
     uses_codec = False
 
@@ -470,17 +655,37 @@ class _MajorityVote(_ServerAlgorithm):
         self.mu = np.float32(momentum)
         self.one_minus_mu = np.float32(1.0 - momentum)
         self.m = self.xp.zeros(env.d, dtype=np.float32) if self.is_worker else None
+        self.segments = sign_segments(self.plan, env.d)
 
-    def vote_and_apply(self, lr, up: Optional[np.ndarray]) -> None:
-        payloads = self.push(up)                                              # push sign(v_i)
-        down = majority_vote(payloads, self.env.d) if self.is_server else None   # server: vote
-        got = self.pull(down)                                                 # pull the vote
+    def signed(self, g: np.ndarray, lo: int, hi: int) -> np.ndarray:  # pragma: no cover
+        """The vector whose signs are sent, brought up to date on [lo, hi) (the algorithm's line 1)."""
+        raise NotImplementedError
+
+    def push_signs(self, grad) -> list:
+        """Line 1 per bucket: bring the signed vector up to date on the bucket, push its share."""
+        def fn(g, lo, hi, k):
+            a, b = self.segments[k]
+            v = None if g is None else self.signed(g, lo, hi)
+            if b == a:
+                return None                                   # an empty share: no message
+            return self.ipush(None if v is None else pack_signs(v[a:b]), (b - a + 7) // 8)
+        return self.each_bucket(grad, fn)
+
+    def vote_and_apply(self, lr, posted: list) -> None:
+        arrived = self.arrived(posted)                                        # 1. the pushes arrive
+        down = None
+        if self.is_server:                                                    # 2. server: vote per share
+            down = self.xp.zeros((self.env.d + 7) // 8, dtype=np.uint8)
+            for (a, b), payloads in zip(self.segments, arrived):
+                if b > a:
+                    down[a // 8:(b + 7) // 8] = majority_vote(payloads, b - a)
+        got = self.pull(down)                                                 # 2. pull the vote
         if self.is_worker:
             s = unpack_signs(got, self.env.d)
             lam = self.env.weight_decay
             if lam:
                 s = s + np.float32(lam) * self.x                              # λx_t outside the sign
-            self.x -= np.float32(lr) * s                                      # x_{t+1} = x_t − η_t(·)
+            self.x -= np.float32(lr) * s                                      # 3. x_{t+1} = x_t − η_t(·)
         self.rounds += 1
 
     def state_dict(self):
@@ -504,6 +709,8 @@ class SignSGDMV(_MajorityVote):
       2. server:   push v_t = sign(Σ_i s_{t,i}) to every worker              (1 bit each; tie → +1)
       3. worker i: x_{t+1} = x_t − η_t (v_t + λ x_t)                          (weight decay outside the sign)
     Wire: d bits each way per worker (Table 1: 2Md), zero-padded to a byte; no codec section.
+    Line 1 runs per gradient bucket while backward produces it (byte-aligned shares of s_{t,i},
+    :class:`_MajorityVote`): the same iterates and bits as after backward.
     """
 
     name = "signsgd_mv"
@@ -511,9 +718,12 @@ class SignSGDMV(_MajorityVote):
     def __init__(self, x, env):
         super().__init__(x, env, momentum=0.0)
 
+    def signed(self, g, lo, hi):
+        return g                                              # 1. sign(g_{t,i}) is sent
+
     def step(self, t, lr, grad):
-        up = pack_signs(grad()) if self.is_worker else None   # 1.
-        self.vote_and_apply(lr, up)                           # 2., 3.
+        posted = self.push_signs(grad)                        # 1. per bucket
+        self.vote_and_apply(lr, posted)                       # 2., 3.
 
 
 @ALGORITHMS.register("signum_mv", params=MomentumParams)
@@ -524,6 +734,8 @@ class SignumMV(_MajorityVote):
       1. worker i: m_{t,i} = μ m_{t−1,i} + (1 − μ) g_{t,i}; push sign(m_{t,i})   (sign(0) = +1)
       2. server:   push v_t = sign(Σ_i sign(m_{t,i})) to every worker            (tie → +1)
       3. worker i: x_{t+1} = x_t − η_t (v_t + λ x_t)
+    Line 1 (momentum and sign, both element-wise) runs per gradient bucket while backward
+    produces it (:class:`_MajorityVote`): the same iterates and bits as after backward.
     """
 
     name = "signum_mv"
@@ -531,11 +743,12 @@ class SignumMV(_MajorityVote):
     def __init__(self, x, env, momentum: float = 0.9):
         super().__init__(x, env, momentum=momentum)
 
+    def signed(self, g, lo, hi):
+        m = self.m[lo:hi]
+        m *= self.mu                                           # 1. m_t = μ m_{t−1} + (1 − μ) g_t
+        m += self.one_minus_mu * g[lo:hi]
+        return self.m                                          # 1. sign(m_t) is sent
+
     def step(self, t, lr, grad):
-        up = None
-        if self.is_worker:
-            g = grad()
-            self.m *= self.mu                                  # 1. m_t = μ m_{t−1} + (1 − μ) g_t
-            self.m += self.one_minus_mu * g
-            up = pack_signs(self.m)                            # 1. sign(m_t)
-        self.vote_and_apply(lr, up)                            # 2., 3.
+        posted = self.push_signs(grad)                         # 1. per bucket
+        self.vote_and_apply(lr, posted)                        # 2., 3.
