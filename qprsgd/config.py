@@ -151,8 +151,10 @@ class TrainConfig(_Strict):
     bucket_mb: float = Field(
         1.0, ge=0, le=1024, allow_inf_nan=False,
         description="gradient bucket size in MB (2^20 bytes of float32): algorithms that communicate "
-                    "every step (psgd, sgdm) start each bucket's all-reduce as backward produces it; "
-                    "0 = one bucket after backward.  Same iterates either way (docs/performance.md)")
+                    "every step start each bucket's transport as backward produces it -- psgd, sgdm "
+                    "(all-reduce), signsgd_mv, signum_mv and dist_ef_* (pushes to the server), qsgd "
+                    "with per_bucket; 0 = one bucket after backward.  Same iterates either way, except "
+                    "where a per-bucket codec is asked for (docs/algorithms-allreduce.md, algorithms-ps.md)")
     target_accuracy: Optional[float] = Field(None, gt=0, le=1, description="for reports: time/bits to this accuracy")
 
     @model_validator(mode="after")
