@@ -83,9 +83,9 @@ def _f32(v) -> np.ndarray:
 def aligned_zeros(d: int, align: int = 64, xp=np) -> np.ndarray:
     """A float32 zero vector whose data starts on an ``align``-byte boundary.
 
-    Codec inputs live in such buffers: BLAS reductions (the sign codecs' sasum) sum in an order
-    that depends on the address's alignment, so an input at a run-dependent malloc offset would
-    make the scales -- and every iterate after them -- differ between runs and after a resume.
+    Codec inputs p and p̃ live in such buffers.  Historical: the sign codecs' scales once came
+    from BLAS ``sasum``, whose order depends on the address; they are now summed in a fixed order
+    (``qsgd.norm_acc``), so per-bucket inputs at any offset give the same scales.
     """
     raw = xp.zeros(d + align // 4, dtype=np.float32)    # (on the device of array module xp)
     off = (-data_ptr(raw) % align) // 4
@@ -343,7 +343,8 @@ class PerBucketParams(_Params):
         "backward produces it, each with its own codec: null (default) = exactly where that is the same "
         "compressor (block_sign over the parameter blocks, identity: the same iterates as one bucket); "
         "true = with any codec (a codec with per-vector statistics -- sign's scale, topk's k, QSGD's norm "
-        "-- computes them per bucket: a different compressor, docs/algorithms-ps.md); false = never")
+        "-- computes them per bucket, and block_sign with block_size re-cuts its blocks from each "
+        "bucket's start: a different compressor, docs/algorithms-ps.md); false = never")
 
 
 class MomentumPerBucketParams(MomentumParams, PerBucketParams):
@@ -536,8 +537,9 @@ class DistEFBlockSGD(DistEFSGD):
     (L162): the default codec is ``block_sign`` (any codec may be configured).  Lines as
     Algorithm 2: 5. p_{t,i} = g_{t,i} + r_t e_{t,i}; 6. push C_B(p_{t,i}); 7. x_{t+1} = x_t −
     η_t(Δ̃_t + λx_t); 8. e_{t+1,i} = p_{t,i} − Δ_{t,i}; 10. p̃_t = mean_i Δ_{t,i} + r_t ẽ_t;
-    11. push C_B(p̃_t); 12. ẽ_{t+1} = p̃_t − Δ̃_t.  Per step M(d + 32B) bits go up and the
-    same come down: 2Md + 64MB (Table 1, L179), plus at most 7 padding bits per message.
+    11. push C_B(p̃_t); 12. ẽ_{t+1} = p̃_t − Δ̃_t.  Per step each of the M workers pushes d + 32B
+    bits and receives as many: 2Md + 64MB (Table 1, L179; with rank 0 doubling as server its own
+    push and pull cross no transport and are not counted), plus at most 7 padding bits per message.
     C_B's scales are per block and a gradient bucket is a union of whole blocks, so by default
     lines 5, 6 and 8 run per bucket as backward produces it (Algorithm 2's ``per_bucket``): the
     same iterates; each bucket is its own message up (≤ 7 padding bits each).
