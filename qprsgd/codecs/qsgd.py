@@ -132,9 +132,15 @@ def _numba_qsgd(c):
 
 
 def _cuda_qsgd(c):
-    from ._cuda_backends import QSGDCuda
+    from ._cuda_qsgd import QSGDCuda
 
     return QSGDCuda(c)
+
+
+def _cuda_runlength(c):
+    from ._cuda_qsgd import RunLengthCuda
+
+    return RunLengthCuda(c)
 
 
 def _numba_runlength(c):
@@ -318,7 +324,7 @@ class QSGDRunLength(_QSGDBase):
     CodecError: the records alone would decode under any larger d.)"""
 
     name = "qsgd_runlength"
-    IMPLS = {"numpy": _QNumpy, "numba": _numba_runlength}
+    IMPLS = {"numpy": _QNumpy, "numba": _numba_runlength, "cuda": _cuda_runlength}
 
     def max_bytes(self):
         nd = self.d.bit_length()
