@@ -52,6 +52,9 @@ payload as words and a bitmap of one bit per payload bit.  ``seg_bits`` (``SEG_B
 default) is a backend attribute: the simulator check lowers it to force many segments.  The
 last decode's ``stats`` (segments, fix-up passes, segments re-parsed) are kept on the backend.
 
+The kernels avoid the builtins min/max (numba 0.68's built-in ``numba.cuda`` fails to type them
+in device code; NVIDIA's numba-cuda, the ``gpu`` extra, compiles either).
+
 Arrays: inputs with ``__cuda_array_interface__`` are used in place; under the simulator numpy
 arrays stand in.  Draws: ``rng.random(d, dtype=float32)`` on the host, copied (the generator's
 state afterwards equals the CPU backends').
@@ -155,7 +158,9 @@ def _clear(marks, a, b):
     p = a
     while p < b:
         o = p & 31
-        n = min(32 - o, b - p)
+        n = 32 - o
+        if b - p < n:
+            n = b - p
         m = ((U1 << np.uint64(n)) - U1) << np.uint64(o)
         marks[p >> 5] &= ~np.uint32(m)
         p += n
@@ -168,7 +173,9 @@ def _or_bits(words, p, v, L):
         w = p >> 5
         off = p & 31
         room = 32 - off
-        take = min(room, L)
+        take = room
+        if L < take:
+            take = L
         piece = np.uint32((v >> np.uint64(L - take)) & ((U1 << np.uint64(take)) - U1))
         cuda.atomic.or_(words, w, piece << np.uint32(room - take))
         p += take
@@ -186,7 +193,8 @@ def _level(xi, ui, mode, c, s32):
             r = a * c
         else:
             r = (a / c) * s32
-        r = min(r, s32)
+        if r > s32:         # (min: r is finite and >= 0)
+            r = s32
         lv = np.int64(r)
         fr = r - np.float32(lv)
         z = np.uint64(lv)
@@ -364,7 +372,7 @@ def seg_fix(words, lo, end, rl, nmax, ndm, marks, g, xin, sin, xout, sout, info)
             p += ln
             walked += 1
         cuda.atomic.add(info, 2, walked)
-        a = min(n, old)
+        a = n if n < old else old
         if met:
             _clear(marks, a, p)
         else:
