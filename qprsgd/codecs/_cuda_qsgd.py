@@ -467,24 +467,31 @@ def rl_values(words, lo, g, first, k, s, tab, nsc, sd, vals, gaps, res):
 
 
 @cuda.jit
-def rl_scatter(vals, gaps, excl, out):
-    """out[excl[r] + gaps[r] - 1] = vals[r] (excl: exclusive prefix sum of the gaps)."""
+def rl_scatter(vals, gaps, excl, offs, per, out):
+    """out[i_r] = vals[r], i_r = (exclusive prefix sum of the gaps to r) + gap_r - 1 (excl:
+    the sums within blocks of ``per`` records, offs: the blocks' offsets)."""
     r = cuda.grid(1)
     if r < vals.shape[0]:
-        out[excl[r] + gaps[r] - 1] = vals[r]
+        out[excl[r] + offs[r // per] + gaps[r] - 1] = vals[r]
 
 
 # ---- host side -----------------------------------------------------------------------------------
-def _scan(length, n: int, base: int):
-    """(device exclusive prefix sums + base of the int64 device array length[:n], total)."""
+def _block_scan(length, n: int):
+    """(device exclusive prefix sums of length[:n] within blocks of PER, host block offsets,
+    total)."""
     nb = (n + PER - 1) // PER
     pos = K.empty(n, np.int64)
     totals = K.empty(nb, np.int64)
     K.block_scan[_grid(nb)](length[:n], pos, totals, PER)
     t = K.host(totals)
-    offs = np.concatenate([[0], np.cumsum(t)[:-1]]).astype(np.int64)
+    return pos, np.concatenate([[0], np.cumsum(t)[:-1]]).astype(np.int64), int(t.sum())
+
+
+def _scan(length, n: int, base: int):
+    """(device exclusive prefix sums + base of the int64 device array length[:n], total)."""
+    pos, offs, total = _block_scan(length, n)
     K.add_offsets[_grid(n)](pos, K.cuda.to_device(offs), PER, base)
-    return pos, int(t.sum())
+    return pos, total
 
 
 def _words(data, nbytes: int):
@@ -759,11 +766,11 @@ class RunLengthCuda(QSGDCuda):
         _finish(name, data, nbytes, stop)
         if zbad:
             raise CodecError(f"{name}: level > s={c.s}")
-        excl, total = _scan(gaps, k, 0)
+        excl, offs, total = _block_scan(gaps, k)
         if total - 1 >= c.d:
             raise CodecError(f"{name}: index out of range (>= d={c.d})")
         od = K.dev(out)
-        rl_scatter[_grid(k)](vals, gaps, excl, od)
+        rl_scatter[_grid(k)](vals, gaps, excl, K.cuda.to_device(offs), PER, od)
         if isinstance(out, np.ndarray) and od is not out and hasattr(od, "copy_to_host"):
             od.copy_to_host(out)
         return out
