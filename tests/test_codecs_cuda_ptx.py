@@ -2,8 +2,9 @@
 (sm_90) with the argument types the backends pass.  The simulator runs the kernels as Python, so
 it cannot see what the CUDA target cannot type or lower (numba 0.68's built-in ``numba.cuda``
 could not type the builtin ``min`` in device code); the integer-only kernels must also stay
-clear of floating point.  This needs NVVM (a CUDA toolkit) but no GPU, and skips without it.  In a subprocess: ``numba.cuda`` must be imported without the simulator, and device
-functions ask the (absent) current device for its compute capability, which is patched."""
+clear of floating point.  This needs NVVM (a CUDA toolkit) but no GPU, and skips without it.
+In a subprocess: ``numba.cuda`` must be imported without the simulator, and device functions
+ask the (absent) current device for its compute capability, which is patched."""
 import os
 import subprocess
 import sys

@@ -27,13 +27,13 @@ speculative decoding* (``SegmentParser``), with no format change:
    whose start g_t differs from the previous segment's exit x_t-1 re-parses from x_t-1 until it
    reaches a start it had marked (from there both parses coincide: a record's length depends
    only on its bits, so its exit and status are unchanged), or its end; it then clears the
-   marks it no longer visits and marks the new ones.  Pass j makes segments 0..j exact, so
-   the passes end -- the first pass that changes no exit, at most P passes (P - 1 changing
-   passes and one that confirms) -- with every g_t the true start of segment t's first record:
-   the chain is the serial parse.  Gamma codes resynchronise within a few codewords on real
-   payloads: typically one fix-up pass in which each segment re-parses a few records; the worst
-   case is serial (P passes; a valid qsgd payload of a 2-bit record followed by 4-bit records
-   ``0010`` never resynchronises, see tests/cuda_sim_check.py).
+   marks it no longer visits and marks the new ones.  The passes stop after the first one that
+   changes no exit read by a successor (segments 0 .. P-2); at that fixed point every g_t is
+   the true start of segment t's first record: the chain is the serial parse.  Pass j makes
+   segment j exact, so there are at most P - 1 passes.  Gamma codes resynchronise within a few
+   codewords on real payloads: typically one fix-up pass in which some segments re-parse a few
+   records; the worst case is serial (P - 1 passes; a valid qsgd payload of a 2-bit record
+   followed by 4-bit records ``0010`` never resynchronises, see tests/cuda_sim_check.py).
 4. Counts: popcount of each segment's bitmap words; the host finds in the P (count, status,
    exit) triples the first error of the chain and the segment holding record number ``count``
    (the end of the last record decoded), and raises exactly the serial decoder's error: an
@@ -47,10 +47,11 @@ speculative decoding* (``SegmentParser``), with no format change:
    output.
 
 Launches per decode: bytes -> words, pass 1, the fix-up passes (1 typically, each followed by a
-one-word device -> host read), counts, values (qsgd_runlength: + scan + scatter).  Memory: the
+3-word device -> host read), counts, values (qsgd_runlength: + scan + scatter).  Memory: the
 payload as words and a bitmap of one bit per payload bit.  ``seg_bits`` (``SEG_BITS`` by
 default) is a backend attribute: the simulator check lowers it to force many segments.  The
-last decode's ``stats`` (segments, fix-up passes, segments re-parsed) are kept on the backend.
+last decode's ``stats`` (segments, fix-up passes, segments re-parsed in them and the records
+they re-parsed) are kept on the backend.
 
 The kernels avoid the builtins min/max (numba 0.68's built-in ``numba.cuda`` fails to type them
 in device code; NVIDIA's numba-cuda, the ``gpu`` extra, compiles either).
@@ -213,7 +214,7 @@ def _value(zeta, s, tab, nsc, sd):
     return np.float32((nsc * np.float64(zeta)) / sd)
 
 
-# ---- encode kernels --------------------------------------------------------------------------------
+# ---- encode kernels ------------------------------------------------------------------------------
 @cuda.jit
 def qsgd_codes(x, u, mode, c, s32, code, length):
     """code_i = sign << (L - 1) | (zeta + 1), L = 2 floor(log2(zeta + 1)) + 2."""
@@ -287,7 +288,7 @@ def rl_write(idx, zeta, neg, pos, k, hdr_len, words):
     _or_bits(words, p + l1, z | (np.uint64(neg[i]) << np.uint64(l2 - 1)), l2)
 
 
-# ---- decode kernels ---------------------------------------------------------------------------------
+# ---- decode kernels ------------------------------------------------------------------------------
 @cuda.jit
 def be_words(data, nbytes, words):
     """words[j] = payload bytes 4j .. 4j+3 big-endian (zero past nbytes: guard words)."""
