@@ -37,7 +37,10 @@ CASES = [("identity", {}, None), ("sign", {}, None), ("block_sign", {}, [3, 60, 
          ("stochastic_bits", {"b": 1}, None), ("stochastic_bits", {"b": 3}, None),
          ("stochastic_bits", {"b": 8}, None), ("stochastic_bits", {"b": 16}, None),
          ("qsgd", {}, None), ("qsgd", {"s": 1}, None), ("qsgd", {"s": 2**20}, None),
-         ("qsgd_scaled", {"s": 7}, None), ("randk", {"k": 5}, None)]
+         ("qsgd_scaled", {"s": 7}, None), ("randk", {"k": 5}, None),
+         ("qsgd_runlength", {}, None), ("qsgd_runlength", {"s": 1}, None),
+         ("qsgd_runlength", {"s": 3}, None), ("qsgd_runlength", {"s": 2**20}, None)]
+SEG_BITS = 32   # the qsgd family's decode segments under the simulator: many segments per payload
 # sparse: topk with k = 1, most (past the ties at 0 and +-0.5), k = d and (not --quick) a few;
 # bernoulli_p with p small (k often 0-3), 1/2 and 1
 CASES += [("topk", {"ratio": 0.03}, None), ("topk", {"ratio": 0.8}, None),
@@ -147,15 +150,20 @@ def main():
     quick = "--quick" in sys.argv     # the default test run: fewer sizes and vector kinds
     checked = 0
     for name, params, blocks in CASES:
-        if quick and ((name == "qsgd" and params) or [name, params] in map(list, SLOW_ONLY)):
+        if quick and ((name == "qsgd" and params) or params.get("s") == 2**20
+                      or [name, params] in map(list, SLOW_ONLY)):
             continue
         sizes = ([100] if blocks else [7, 100]) if not quick else ([100] if blocks else [37])
         for d in sizes:
             a = CODECS.get(name).factory(d, blocks, backend="numpy", **params)
             g = CODECS.get(name).factory(d, blocks, backend="cuda", **params)
+            if hasattr(g.impl, "seg_bits"):
+                g.impl.seg_bits = SEG_BITS
             kinds = ("gauss", "mixed") if quick else ("gauss", "zeros", "mixed")
             if name == "topk":
                 kinds += ("ties",)
+            if name == "qsgd_runlength" and quick:
+                kinds = ("gauss", "zeros")
             for kind in kinds:
                 x = vec(kind, d, d)
                 ra, rg = np.random.default_rng(3), np.random.default_rng(3)
@@ -173,7 +181,7 @@ def main():
                 if name.startswith("qsgd") or name in ("stochastic_bits",) + SPARSE:
                     r = np.random.default_rng(d)
                     bads = [data[:n] for n in (0, 3, 4, len(data) - 1)] + \
-                        [np.concatenate([data, [0]])]
+                        [np.concatenate([data, np.zeros(1, np.uint8)])]
                     for _ in range(2 if quick else 6):
                         b = data.copy()
                         b[int(r.integers(0, len(b)))] ^= np.uint8(1 << int(r.integers(0, 8)))
@@ -186,7 +194,97 @@ def main():
         if name in SPARSE:     # encode errors: NaN / Inf input (before any draw), z/p overflow
             checked += check_encode_errors(a, g, d)
     checked += check_topk_threshold(quick)
+    checked += segment_checks(quick)
     print(f"cuda-sim ok {checked}")
+
+
+def same(a, g, data, what):
+    """The numpy and cuda backends decode ``data`` to the same vector or the same message."""
+    ra, rg = outcome(lambda: a.decode(data)), outcome(lambda: g.decode(data))
+    assert ra == rg, (what, data.tobytes().hex(), ra[:1] + ra[1:][:1], rg[:1] + rg[1:][:1])
+    return ra
+
+
+def segment_checks(quick):
+    """The qsgd family's segment decoder (qprsgd/codecs/_cuda_qsgd.py) against the numpy backend:
+    Gaussian payloads cut into many segments whose guessed starts must resynchronise, the
+    payload that never resynchronises (one fix-up pass per segment), and malformed payloads
+    damaged at segment boundaries.  Payloads come from the numpy backend (the CUDA encoder is
+    checked above)."""
+    checked = 0
+    d = 500 if quick else 1500
+    for name, params, seg in (("qsgd", {}, 128), ("qsgd_runlength", {}, 128),
+                              ("qsgd_runlength", {"s": 3}, 48)):
+        a = CODECS.get(name).factory(d, None, backend="numpy", **params)
+        g = CODECS.get(name).factory(d, None, backend="cuda", **params)
+        g.impl.seg_bits = seg
+        r = np.random.default_rng(11)
+        x = r.standard_normal(d).astype(np.float32)
+        data = np.asarray(a.encode(x, r).data).copy()
+        assert same(a, g, data, (name, params, "gauss"))[0] == "ok"
+        st = g.impl.stats
+        # several segments, some of which started at a wrong guess and re-parsed from the
+        # previous one's exit until they met a start of their own: a few records each
+        assert st["segments"] >= 6 and st["reparsed"] >= 3, (name, params, st)
+        assert st["reparsed"] <= st["reparsed_records"] <= 8 * st["reparsed"], (name, params, st)
+        assert 1 <= st["fixup_passes"] <= max(2, st["segments"] // 4), (name, params, st)
+        print("segment decoder", name, params, st)
+        checked += 1
+        nbits = 8 * len(data)
+        starts = 32 * np.arange(3, nbits // 32)      # segment starts (multiples of 32 bits)
+        bads = [data[:n] for n in (len(data) // 2, len(data) - 1)]
+        bads.append(np.concatenate([data, np.zeros(1, np.uint8)]))
+        for t in r.choice(starts, size=2 if quick else 12, replace=False):
+            for off in ((-1, 2) if quick else (-3, -1, 0, 1, 2, 5)):
+                b = data.copy()
+                p = int(t) + off
+                b[p // 8] ^= np.uint8(0x80 >> (p % 8))
+                bads.append(b)
+            for fill in (0, 255):
+                b = data.copy()
+                b[int(t) // 8 - 1:int(t) // 8 + 2] = fill
+                bads.append(b)
+        if not quick:
+            for _ in range(10):
+                b = data.copy()
+                b[8:] = r.integers(0, 256, len(b) - 8).astype(np.uint8)
+                bads.append(b)
+        msgs = set()
+        for b in bads:
+            res = same(a, g, b, (name, params))
+            msgs.add(res[0] if res[0] == "ok" else res[1].split(":")[1].split(" at bit")[0])
+            checked += 1
+        # the damage reaches the parse: impossible codes among several outcomes
+        assert any("impossible code length" in m for m in msgs) and len(msgs) >= 3, msgs
+    # levels > s in records of later segments: a payload of s = 6 read with s = 3 (the same
+    # longest code, 2 floor(log2(s + 1)) + 2 bits)
+    for name in ("qsgd", "qsgd_runlength"):
+        a = CODECS.get(name).factory(d, None, backend="numpy", s=3)
+        g = CODECS.get(name).factory(d, None, backend="cuda", s=3)
+        g.impl.seg_bits = 64
+        x = np.random.default_rng(5).standard_normal(d).astype(np.float32)
+        x[d - 20] = 100
+        data = np.asarray(CODECS.get(name).factory(d, None, backend="numpy", s=6)
+                          .encode(x, np.random.default_rng(5)).data).copy()
+        res = same(a, g, data, (name, "level > s"))
+        assert res == ("CodecError", f"{name}: level > s=3"), res
+        assert g.impl.stats["segments"] >= 4, g.impl.stats
+        checked += 1
+    # a valid payload whose guessed starts never resynchronise: a 2-bit record, then 4-bit
+    # records 0010 (level 1, s = 8 = sqrt(64)); a parse starting 2 bits off reads 8-bit records
+    # 1 0001 000 forever, so every fix-up pass corrects one more segment (the worst case)
+    dw = 65
+    a = CODECS.get("qsgd").factory(dw, None, backend="numpy", s=8)
+    g = CODECS.get("qsgd").factory(dw, None, backend="cuda", s=8)
+    g.impl.seg_bits = SEG_BITS
+    x = np.ones(dw, np.float32)
+    x[0] = 0
+    data = np.asarray(a.encode(x, np.random.default_rng(0)).data).copy()
+    assert data[4:8].tobytes().hex() == "48888888", data[4:8].tobytes().hex()
+    assert same(a, g, data, "worst case")[0] == "ok"
+    st = g.impl.stats
+    assert st["segments"] >= 8 and st["fixup_passes"] == st["segments"] - 1, st
+    return checked + 1
 
 
 if __name__ == "__main__":

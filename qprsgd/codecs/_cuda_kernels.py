@@ -197,39 +197,6 @@ def unpack_fields(data, base, b, tab, out):
 
 # ---- qsgd ------------------------------------------------------------------------------------------
 @cuda.jit
-def qsgd_codes(x, u, mode, c, s32, code, length):
-    """code_i = sign << (L - 1) | (zeta + 1), L = 2 floor(log2(zeta + 1)) + 2 (qsgd's quantizer,
-    float32 arithmetic as the CPU; mode 0: norm = 0, 1: r = |x| c, 2: r = (|x| / c) s)."""
-    i = cuda.grid(1)
-    if i >= x.shape[0]:
-        return
-    xi = x[i]
-    a = abs(xi)
-    z = np.uint64(0)
-    if mode != 0:
-        if mode == 1:
-            r = a * c
-        else:
-            r = (a / c) * s32
-        r = min(r, s32)
-        lv = np.int64(r)
-        fr = r - np.float32(lv)
-        z = np.uint64(lv)
-        if u[i] < fr:
-            z += np.uint64(1)
-    k = z + np.uint64(1)
-    n = 0
-    while (k >> np.uint64(n + 1)) != np.uint64(0):
-        n += 1
-    L = 2 * n + 2
-    neg = np.uint64(0)
-    if xi < np.float32(0):
-        neg = np.uint64(1)
-    code[i] = k | (neg << np.uint64(L - 1))
-    length[i] = L
-
-
-@cuda.jit
 def block_scan(length, pos, totals, per):
     """Exclusive prefix sum of ``length`` within blocks of ``per`` elements (one thread per
     block, sequential); totals[b] = the block's sum."""
@@ -280,68 +247,6 @@ def words_to_bytes(words, out, nbytes):
     j = cuda.grid(1)
     if j < nbytes:
         out[j] = (words[j >> 2] >> np.uint32(8 * (3 - (j & 3)))) & np.uint32(255)
-
-
-@cuda.jit
-def qsgd_decode_serial(data, nbytes, d, nmax, s, tab, ntab, nsc, sd, out, res):
-    """One thread parses the d records (sign + gamma(zeta + 1)) from bit 32; res = (err, info,
-    end bit, level_bad) with the CPU decoder's error codes (1 bad code, 2 past end, 3 short)."""
-    if cuda.grid(1) != 0:
-        return
-    end = 8 * nbytes
-    pos = 32
-    zbad = 0
-    for i in range(d):
-        if pos >= end:
-            res[0] = 3
-            res[1] = i
-            res[2] = pos
-            res[3] = zbad
-            return
-        sign = (data[pos >> 3] >> (7 - (pos & 7))) & 1
-        n = 0
-        q = pos + 1
-        while n <= nmax:            # bits past the end read as 0 (the CPU's zero guard words)
-            bit = 0
-            if q < end:
-                bit = (data[q >> 3] >> (7 - (q & 7))) & 1
-            if bit == 1:
-                break
-            n += 1
-            q += 1
-        if n > nmax:
-            res[0] = 1
-            res[1] = pos
-            res[2] = pos
-            res[3] = zbad
-            return
-        ln = 2 * n + 2
-        if pos + ln > end:
-            res[0] = 2
-            res[1] = pos
-            res[2] = pos
-            res[3] = zbad
-            return
-        k = np.uint64(0)
-        for t in range(n + 1):
-            qq = q + t
-            k = (k << np.uint64(1)) | np.uint64((data[qq >> 3] >> (7 - (qq & 7))) & 1)
-        zeta = k - np.uint64(1)
-        if zeta > np.uint64(s):
-            zbad = 1
-            v = np.float32(0)
-        elif zeta < np.uint64(ntab):
-            v = tab[zeta]
-        else:
-            v = np.float32((nsc * np.float64(zeta)) / sd)
-        if sign == 1:
-            v = -v
-        out[i] = v
-        pos += ln
-    res[0] = 0
-    res[1] = 0
-    res[2] = pos
-    res[3] = zbad
 
 
 # ---- randk -----------------------------------------------------------------------------------------

@@ -8,8 +8,9 @@ Quantization (shared by the three codecs; see docs/codecs.md):
   U    = rng.random(d, dtype=np.float32)                -- exactly d draws, element order
 Decoded value: float32(float64(norm) * zeta_i / s) with the sign of v_i (sign(0) = +1).
 
-Backends: ``numpy`` (``_QNumpy``, the vectorized reference in this module) and ``numba``
-(``_qsgd_numba``, kernels in ``_nb_qsgd``; qsgd/qsgd_scaled on up to ``threads`` threads).
+Backends: ``numpy`` (``_QNumpy``, the vectorized reference in this module), ``numba``
+(``_qsgd_numba``, kernels in ``_nb_qsgd``; qsgd/qsgd_scaled on up to ``threads`` threads) and
+``cuda`` (``_cuda_qsgd``: parallel encoders, a segment-parallel speculative decoder).
 """
 from __future__ import annotations
 
@@ -132,9 +133,15 @@ def _numba_qsgd(c):
 
 
 def _cuda_qsgd(c):
-    from ._cuda_backends import QSGDCuda
+    from ._cuda_qsgd import QSGDCuda
 
     return QSGDCuda(c)
+
+
+def _cuda_runlength(c):
+    from ._cuda_qsgd import RunLengthCuda
+
+    return RunLengthCuda(c)
 
 
 def _numba_runlength(c):
@@ -318,7 +325,7 @@ class QSGDRunLength(_QSGDBase):
     CodecError: the records alone would decode under any larger d.)"""
 
     name = "qsgd_runlength"
-    IMPLS = {"numpy": _QNumpy, "numba": _numba_runlength}
+    IMPLS = {"numpy": _QNumpy, "numba": _numba_runlength, "cuda": _cuda_runlength}
 
     def max_bytes(self):
         nd = self.d.bit_length()
