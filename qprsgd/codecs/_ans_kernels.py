@@ -47,27 +47,27 @@ def plan(d: int, chunk_elems: int = CHUNK_ELEMS, lane_elems: int = LANE_ELEMS):
     return a, n, w
 
 
+RENORM_SHIFT = 16 + (15 - SCALE_BITS)    # x_max = f << RENORM_SHIFT = ((L / M) << 16) f
+
+
 def enc_tables(freq, cum):
-    """Per symbol two packed uint64: ea = rcp | (x_max - 1) << 32, eb = bias | cmpl << 16 |
-    shift << 32 (ryg's reciprocal encoder: x -> x + bias + ((x * rcp) >> 32 >> shift) * cmpl
-    = (x // f) M + x % f + cum for x < 2^31; renormalise first while x > x_max - 1)."""
+    """Per symbol one packed uint64: rcp | f << 32 | bias << 45 | shift << 58 (ryg's reciprocal
+    encoder: x -> x + bias + ((x * rcp) >> 32 >> shift) (M - f) = (x // f) M + x % f + cum for
+    x < 2^31; renormalise first while x >= x_max = f << 19, i.e. (x >> 19) >= f)."""
     n = freq.shape[0]
-    ea = np.zeros(n, dtype=np.uint64)
-    eb = np.zeros(n, dtype=np.uint64)
+    ec = np.zeros(n, dtype=np.uint64)
     for s in range(n):
         f = int(freq[s])
         if f == 0:
             continue
-        xm1 = ((RANS_L >> SCALE_BITS) << 16) * f - 1
         if f < 2:
             rcp, sh, bias = 0xFFFFFFFF, 0, int(cum[s]) + M - 1
         else:
             shift = (f - 1).bit_length()
             rcp = ((1 << (shift + 31)) + f - 1) // f
             sh, bias = shift - 1, int(cum[s])
-        ea[s] = rcp | (xm1 << 32)
-        eb[s] = bias | ((M - f) << 16) | (sh << 32)
-    return ea, eb
+        ec[s] = rcp | (f << 32) | (bias << 45) | (sh << 58)
+    return ec
 
 
 def dec_table(freq, cum, vals):
@@ -83,7 +83,7 @@ def dec_table(freq, cum, vals):
     return bits[sym] | (freq[sym].astype(np.uint64) << _U(32)) | (bias << _U(48))
 
 
-def encode_ref(syms, pl, ea, eb, out16, hi):
+def encode_ref(syms, pl, ec, out16, hi):
     """Every chunk's stream at once.  Chunk t's stream is written backwards into out16 (uint16
     words) ending at hi[t]; returns the first word of each stream.  Stream = W final states
     (uint32, lane order, as 2 words low first) then the renormalisation words."""
@@ -92,22 +92,23 @@ def encode_ref(syms, pl, ea, eb, out16, hi):
     j = np.arange(MAX_LANES, dtype=np.int64)[None, :]
     x = np.full((nch, MAX_LANES), RANS_L, dtype=np.uint64)
     p = np.asarray(hi, dtype=np.int64).copy()
-    m16, m32, s16, s32 = _U(0xFFFF), _U(0xFFFFFFFF), _U(16), _U(32)
+    m13, s16, s32 = _U(0x1FFF), _U(16), _U(32)
     G = int(((n + w - 1) // w).max()) if nch else 0
     for g in range(G - 1, -1, -1):
         k = g * w[:, None] + j
         act = (j < w[:, None]) & (k < n[:, None])
         s = np.where(act, syms[np.minimum(a[:, None] + k, syms.shape[0] - 1)], 0)
-        ae, be = ea[s], eb[s]
-        need = act & (x > (ae >> s32))
+        e = ec[s]
+        f = (e >> s32) & m13
+        need = act & ((x >> _U(RENORM_SHIFT)) >= f)
         cnt = need.sum(axis=1)
         rank = np.cumsum(need, axis=1) - need
         pos = (p - cnt)[:, None] + rank
-        out16[pos[need]] = (x[need] & m16).astype(np.uint16)
+        out16[pos[need]] = (x[need] & _U(0xFFFF)).astype(np.uint16)
         p -= cnt
         x = np.where(need, x >> s16, x)
-        q = ((x * (ae & m32)) >> s32) >> (be >> s32)
-        x = np.where(act, x + (be & m16) + q * ((be >> s16) & m16), x)
+        q = ((x * (e & _U(0xFFFFFFFF))) >> s32) >> (e >> _U(58))
+        x = np.where(act, x + ((e >> _U(45)) & m13) + q * (_U(M) - f), x)
     p -= 2 * w
     for t in range(nch):
         st = x[t, :w[t]].astype("<u4").view("<u2")

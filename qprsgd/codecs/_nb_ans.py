@@ -41,7 +41,70 @@ U48 = np.uint64(48)
 F13 = np.uint64(0x1FFF)
 F12 = np.uint64(0xFFF)
 LMAX = np.uint64(1 << 31)
+RSH = np.uint64(A.RENORM_SHIFT)
+U45 = np.uint64(45)
+UM = np.uint64(A.M)
 NL = A.MAX_LANES
+
+
+# ---- rANS: AVX-512 group loops (LLVM vector IR) ---------------------------------------------------
+# One group of the 32-lane format is two 16-lane vectors of 31-bit states.  Decoder: gather the
+# slot entries, store 16 values at once, the multiply-add, then the lanes below L take one word
+# each *in lane order* -- exactly an expand-load of popcount(mask) consecutive 16-bit words
+# (vpexpandw).  Encoder: the lanes above x_max - 1 write their low words in lane order -- a
+# register compress (vpcompressw) stored as its first popcount(mask) lanes at p - popcount(mask)
+# -- then the reciprocal multiply.  Written with
+# LLVM's target-independent masked intrinsics, so they compile anywhere; they are used only where
+# the host has AVX-512 VBMI2 (``SIMD``), the scalar loops below run everywhere else.
+I1, I16, I32, I64 = ir.IntType(1), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+VL = 16
+V1, V16, V32, V64 = (ir.VectorType(t, VL) for t in (I1, I16, I32, I64))
+PTR = ir.PointerType()
+VPTR = ir.VectorType(PTR, VL)
+
+
+def _host_simd() -> bool:
+    try:
+        import llvmlite.binding as llvm
+
+        f = llvm.get_host_cpu_features()
+        return all(f.get(k, False) for k in ("avx512f", "avx512bw", "avx512vl", "avx512vbmi2"))
+    except Exception:  # pragma: no cover - feature query unavailable
+        return False
+
+
+SIMD = _host_simd()
+
+
+def _splat(ty, v):
+    return ir.Constant(ty, [v] * ty.count)
+
+
+def _fn(mod, name, ret, args):
+    return cgutils.get_or_insert_function(mod, ir.FunctionType(ret, args), name)
+
+
+def _gather64(b, base, idx):
+    """<16 x i64> base[idx] (idx: <16 x i32>, unsigned)."""
+    bv = b.insert_element(ir.Constant(V64, None), b.ptrtoint(base, I64), ir.Constant(I32, 0))
+    bv = b.shuffle_vector(bv, bv, ir.Constant(V32, [0] * VL))
+    ptrs = b.inttoptr(b.add(bv, b.shl(b.zext(idx, V64), _splat(V64, 3))), VPTR)
+    f = _fn(b.module, "llvm.masked.gather.v16i64.v16p0", V64, [VPTR, I32, V1, V64])
+    return b.call(f, [ptrs, ir.Constant(I32, 8), _splat(V1, 1), ir.Constant(V64, None)])
+
+
+def _popc(b, m):
+    f = _fn(b.module, "llvm.ctpop.i16", I16, [I16])
+    return b.zext(b.call(f, [b.bitcast(m, I16)]), I64)
+
+
+def _arr(context, builder, ty, val):
+    return context.make_array(ty)(context, builder, val)
+
+
+def _at(b, arr, idx, ety):
+    """Pointer to element ``idx`` (i64) of a contiguous array of element type ``ety``."""
+    return b.gep(b.bitcast(arr.data, ety.as_pointer()), [idx])
 
 
 def jump_consts(st) -> np.ndarray:
@@ -50,11 +113,11 @@ def jump_consts(st) -> np.ndarray:
 
     m128 = (1 << 128) - 1
     inc = (int(st[2]) << 64) | int(st[3])
-    a4 = pow(PCG_MULT, 4, 1 << 128)
-    c4 = (inc * (1 + PCG_MULT + PCG_MULT ** 2 + PCG_MULT ** 3)) & m128
+    a8 = pow(PCG_MULT, 8, 1 << 128)
+    c8 = (inc * sum(pow(PCG_MULT, k, 1 << 128) for k in range(8))) & m128
     m = (1 << 64) - 1
-    return np.array([PCG_MULT >> 64, PCG_MULT & m, inc >> 64, inc & m, a4 >> 64, a4 & m,
-                     c4 >> 64, c4 & m], dtype=np.uint64)
+    return np.array([PCG_MULT >> 64, PCG_MULT & m, inc >> 64, inc & m, a8 >> 64, a8 & m,
+                     c8 >> 64, c8 & m], dtype=np.uint64)
 
 
 # ---- draws -------------------------------------------------------------------------------------
@@ -80,11 +143,90 @@ def _f32(w):
     return np.float32(np.int64(w >> U8)) * INV24
 
 
+@intrinsic
+def _pcg8(typingctx, stv, jmp, u, off, m):
+    """8 PCG64 chains as <8 x i64> vectors (lane j at output j + 8 i, stv = 8 high then 8 low
+    state words, the state of each chain's next output): u[off + 16 i + 2 j + h] = half h of
+    output j + 8 i, i < m; stv advanced by 8 m outputs, stv[16:18] = (hi, lo) of the last
+    output's state."""
+    sig = types.void(stv, jmp, u, types.int64, types.int64)
+
+    def codegen(context, b, signature, args):
+        ast, aj, au = (_arr(context, b, signature.args[k], args[k]) for k in range(3))
+        off, m = args[3], args[4]
+        V8 = ir.VectorType(I64, 8)
+        F16 = ir.VectorType(ir.FloatType(), 16)
+        phi_ = b.bitcast(_at(b, ast, ir.Constant(I64, 0), I64), V8.as_pointer())
+        plo_ = b.bitcast(_at(b, ast, ir.Constant(I64, 8), I64), V8.as_pointer())
+        h0, l0 = b.load(phi_, align=8), b.load(plo_, align=8)
+
+        def bc(k):
+            v = b.load(_at(b, aj, ir.Constant(I64, k), I64))
+            v = b.insert_element(ir.Constant(V8, None), v, ir.Constant(I32, 0))
+            return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 8), [0] * 8))
+
+        ahi, alo, chi, clo = bc(4), bc(5), bc(6), bc(7)
+        m32 = ir.Constant(V8, [0xFFFFFFFF] * 8)
+        s32 = ir.Constant(V8, [32] * 8)
+        a0, a1 = b.and_(alo, m32), b.lshr(alo, s32)
+        entry = b.block
+        fn = b.function
+        head = fn.append_basic_block("pcg.head")
+        body = fn.append_basic_block("pcg.body")
+        done = fn.append_basic_block("pcg.done")
+        b.branch(head)
+        b.position_at_end(head)
+        i = b.phi(I64)
+        hi = b.phi(V8)
+        lo = b.phi(V8)
+        phi_prev = b.phi(V8)
+        plo_prev = b.phi(V8)
+        b.cbranch(b.icmp_signed("<", i, m), body, done)
+        b.position_at_end(body)
+        v = b.xor(hi, lo)
+        r = b.lshr(hi, ir.Constant(V8, [58] * 8))
+        rot = _fn(b.module, "llvm.fshr.v8i64", V8, [V8, V8, V8])
+        o = b.call(rot, [v, v, r])
+        w = b.lshr(b.bitcast(o, V32), _splat(V32, 8))
+        f = b.fmul(b.sitofp(w, F16), ir.Constant(F16, [1.0 / 16777216.0] * 16))
+        dst = b.add(off, b.mul(i, ir.Constant(I64, 16)))
+        b.store(f, b.bitcast(_at(b, au, dst, ir.FloatType()), F16.as_pointer()), align=4)
+        # (hi, lo) * (ahi, alo) + (chi, clo) mod 2^128, lo * alo from 32-bit halves
+        l0_, l1_ = b.and_(lo, m32), b.lshr(lo, s32)
+        p00, p01 = b.mul(l0_, a0), b.mul(l0_, a1)
+        p10, p11 = b.mul(l1_, a0), b.mul(l1_, a1)
+        mid = b.add(b.add(b.lshr(p00, s32), b.and_(p01, m32)), b.and_(p10, m32))
+        low = b.or_(b.and_(p00, m32), b.shl(mid, s32))
+        high = b.add(b.add(p11, b.lshr(p01, s32)), b.add(b.lshr(p10, s32), b.lshr(mid, s32)))
+        cross = b.add(b.mul(lo, ahi), b.mul(hi, alo))
+        nlo = b.add(low, clo)
+        carry = b.zext(b.icmp_unsigned("<", nlo, low), V8)
+        nhi = b.add(b.add(high, cross), b.add(chi, carry))
+        inext = b.add(i, ir.Constant(I64, 1))
+        body_end = b.block
+        b.branch(head)
+        for ph, a_, b_ in ((i, ir.Constant(I64, 0), inext), (hi, h0, nhi), (lo, l0, nlo),
+                           (phi_prev, h0, hi), (plo_prev, l0, lo)):
+            ph.add_incoming(a_, entry)
+            ph.add_incoming(b_, body_end)
+        b.position_at_end(done)
+        b.store(hi, phi_, align=8)
+        b.store(lo, plo_, align=8)
+        b.store(b.extract_element(phi_prev, ir.Constant(I32, 7)),
+                _at(b, ast, ir.Constant(I64, 16), I64))
+        b.store(b.extract_element(plo_prev, ir.Constant(I32, 7)),
+                _at(b, ast, ir.Constant(I64, 17), I64))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit
-def pcg_fill(st, jmp, u, n):
+def pcg_fill(st, jmp, u, n, stv):
     """u[:n] = the next n float32 draws of numpy's ``Generator.random(dtype=float32)`` over
     PCG64 from state row ``st`` (layout of ``_pcg64.state_of``; updated).  jmp = (A, C) of one
-    step (hi, lo, hi, lo) followed by (A^4, C (A^3 + A^2 + A + 1)) for the four chains."""
+    step (hi, lo, hi, lo) followed by (A^8, C (A^7 + ... + A + 1)) for eight leapfrogged
+    chains (``_pcg8``); stv: scratch uint64[18]."""
     hi, lo, has, buf = st[0], st[1], st[4], st[5]
     ahi, alo, chi, clo = jmp[0], jmp[1], jmp[2], jmp[3]
     t = 0
@@ -93,35 +235,17 @@ def pcg_fill(st, jmp, u, n):
         has = U0
         t = 1
     npair = (n - t) // 2
-    m = npair // 4 if npair >= 16 else 0
+    m = npair // 8 if npair >= 64 else 0
     if m > 0:
-        a4hi, a4lo, c4hi, c4lo = jmp[4], jmp[5], jmp[6], jmp[7]
-        h0, l0 = _lcg(hi, lo, ahi, alo, chi, clo)
-        h1, l1 = _lcg(h0, l0, ahi, alo, chi, clo)
-        h2, l2 = _lcg(h1, l1, ahi, alo, chi, clo)
-        h3, l3 = _lcg(h2, l2, ahi, alo, chi, clo)
-        for it in range(m):
-            b = t + 8 * it
-            o = _xsl_rr(h0, l0)
-            u[b] = _f32(o & M32)
-            u[b + 1] = _f32(o >> U32)
-            o = _xsl_rr(h1, l1)
-            u[b + 2] = _f32(o & M32)
-            u[b + 3] = _f32(o >> U32)
-            o = _xsl_rr(h2, l2)
-            u[b + 4] = _f32(o & M32)
-            u[b + 5] = _f32(o >> U32)
-            o = _xsl_rr(h3, l3)
-            u[b + 6] = _f32(o & M32)
-            u[b + 7] = _f32(o >> U32)
-            if it + 1 < m:
-                h0, l0 = _lcg(h0, l0, a4hi, a4lo, c4hi, c4lo)
-                h1, l1 = _lcg(h1, l1, a4hi, a4lo, c4hi, c4lo)
-                h2, l2 = _lcg(h2, l2, a4hi, a4lo, c4hi, c4lo)
-                h3, l3 = _lcg(h3, l3, a4hi, a4lo, c4hi, c4lo)
-        hi, lo = h3, l3
+        h, q = hi, lo
+        for j in range(8):
+            h, q = _lcg(h, q, ahi, alo, chi, clo)
+            stv[j] = h
+            stv[8 + j] = q
+        _pcg8(stv, jmp, u, t, m)
+        hi, lo = stv[16], stv[17]
         buf = _xsl_rr(hi, lo) >> U32      # numpy keeps the last high half even when used
-        t += 8 * m
+        t += 16 * m
     while t + 1 < n:
         hi, lo = _lcg(hi, lo, ahi, alo, chi, clo)
         o = _xsl_rr(hi, lo)
@@ -186,6 +310,7 @@ def quantize_symbols(x, u, st, jmp, use_pcg, mode, c, s32, Ecap, syms, counts, e
     ub = np.empty(CHUNK, dtype=np.float32)
     zc = np.empty(CHUNK, dtype=np.uint32)
     nc = np.empty(CHUNK, dtype=np.uint32)
+    stv = np.empty(18, dtype=np.uint64)
     na = counts.shape[0]
     h4 = np.zeros(4 * na, dtype=np.int32)     # 4 interleaved histograms: no store chains
     zmax = np.int64(0)
@@ -193,7 +318,7 @@ def quantize_symbols(x, u, st, jmp, use_pcg, mode, c, s32, Ecap, syms, counts, e
     for c0 in range(0, d, CHUNK):
         n = min(CHUNK, d - c0)
         if use_pcg:
-            pcg_fill(st, jmp, ub, n)
+            pcg_fill(st, jmp, ub, n, stv)
             uc = ub[:n]
         else:
             uc = u[c0:c0 + n]
@@ -241,66 +366,6 @@ def quantize_symbols_par(x, u, bounds, states, jmp, use_pcg, mode, c, s32, Ecap,
         b = bounds[t + 1]
         quantize_symbols(x[a:b], u[a:b], states[t], jmp, use_pcg, mode, c, s32, Ecap, syms[a:b],
                          counts[t], escv[a:b], res[t])
-
-
-# ---- rANS: AVX-512 group loops (LLVM vector IR) ---------------------------------------------------
-# One group of the 32-lane format is two 16-lane vectors of 31-bit states.  Decoder: gather the
-# slot entries, store 16 values at once, the multiply-add, then the lanes below L take one word
-# each *in lane order* -- exactly an expand-load of popcount(mask) consecutive 16-bit words
-# (vpexpandw).  Encoder: the lanes above x_max - 1 write their low words in lane order -- a
-# register compress (vpcompressw) stored as its first popcount(mask) lanes at p - popcount(mask)
-# -- then the reciprocal multiply.  Written with
-# LLVM's target-independent masked intrinsics, so they compile anywhere; they are used only where
-# the host has AVX-512 VBMI2 (``SIMD``), the scalar loops below run everywhere else.
-I1, I16, I32, I64 = ir.IntType(1), ir.IntType(16), ir.IntType(32), ir.IntType(64)
-VL = 16
-V1, V16, V32, V64 = (ir.VectorType(t, VL) for t in (I1, I16, I32, I64))
-PTR = ir.PointerType()
-VPTR = ir.VectorType(PTR, VL)
-
-
-def _host_simd() -> bool:
-    try:
-        import llvmlite.binding as llvm
-
-        f = llvm.get_host_cpu_features()
-        return all(f.get(k, False) for k in ("avx512f", "avx512bw", "avx512vl", "avx512vbmi2"))
-    except Exception:  # pragma: no cover - feature query unavailable
-        return False
-
-
-SIMD = _host_simd()
-
-
-def _splat(ty, v):
-    return ir.Constant(ty, [v] * ty.count)
-
-
-def _fn(mod, name, ret, args):
-    return cgutils.get_or_insert_function(mod, ir.FunctionType(ret, args), name)
-
-
-def _gather64(b, base, idx):
-    """<16 x i64> base[idx] (idx: <16 x i32>, unsigned)."""
-    bv = b.insert_element(ir.Constant(V64, None), b.ptrtoint(base, I64), ir.Constant(I32, 0))
-    bv = b.shuffle_vector(bv, bv, ir.Constant(V32, [0] * VL))
-    ptrs = b.inttoptr(b.add(bv, b.shl(b.zext(idx, V64), _splat(V64, 3))), VPTR)
-    f = _fn(b.module, "llvm.masked.gather.v16i64.v16p0", V64, [VPTR, I32, V1, V64])
-    return b.call(f, [ptrs, ir.Constant(I32, 8), _splat(V1, 1), ir.Constant(V64, None)])
-
-
-def _popc(b, m):
-    f = _fn(b.module, "llvm.ctpop.i16", I16, [I16])
-    return b.zext(b.call(f, [b.bitcast(m, I16)]), I64)
-
-
-def _arr(context, builder, ty, val):
-    return context.make_array(ty)(context, builder, val)
-
-
-def _at(b, arr, idx, ety):
-    """Pointer to element ``idx`` (i64) of a contiguous array of element type ``ety``."""
-    return b.gep(b.bitcast(arr.data, ety.as_pointer()), [idx])
 
 
 @intrinsic
@@ -376,16 +441,15 @@ def _dec_fast(typingctx, data, tab, xs, out32, io, base, g1, pe, esc0):
 
 
 @intrinsic
-def _enc_fast(typingctx, syms, ea, eb, xs, buf, io, a):
+def _enc_fast(typingctx, syms, ec, xs, buf, io, a):
     """Full 32-lane groups io[1] - 1 down to 0 of the chunk starting at element a, written
     backwards into the uint16 words buf before word io[0]; io = (p, 0) at the end, xs
     (uint32[32]) the states."""
-    sig = types.void(syms, ea, eb, xs, buf, io, types.int64)
+    sig = types.void(syms, ec, xs, buf, io, types.int64)
 
     def codegen(context, b, signature, args):
-        asy, aa, ab, ax, abuf, aio = (_arr(context, b, signature.args[k], args[k])
-                                      for k in range(6))
-        a = args[6]
+        asy, ae, ax, abuf, aio = (_arr(context, b, signature.args[k], args[k]) for k in range(5))
+        a = args[5]
         pio = _at(b, aio, ir.Constant(I64, 0), I64)
         gio = _at(b, aio, ir.Constant(I64, 1), I64)
         px0 = b.bitcast(_at(b, ax, ir.Constant(I64, 0), I32), V32.as_pointer())
@@ -414,16 +478,13 @@ def _enc_fast(typingctx, syms, ea, eb, xs, buf, io, a):
         for h, x in ((1, x1), (0, x0)):
             sp = b.bitcast(_at(b, asy, b.add(gb, ir.Constant(I64, 16 * h)), I16),
                            V16.as_pointer())
-            sy = b.zext(b.load(sp, align=2), V32)
-            ev = _gather64(b, aa.data, sy)
-            fv = _gather64(b, ab.data, sy)
-            rcp = b.trunc(ev, V32)
-            xm1 = b.trunc(b.lshr(ev, _splat(V64, 32)), V32)
-            lo = b.trunc(fv, V32)
-            bias = b.and_(lo, _splat(V32, 0xFFFF))
-            cmpl = b.lshr(lo, _splat(V32, 16))
-            sh = b.trunc(b.lshr(fv, _splat(V64, 32)), V32)
-            m = b.icmp_unsigned(">", x, xm1)
+            e = _gather64(b, ae.data, b.zext(b.load(sp, align=2), V32))
+            rcp = b.trunc(e, V32)
+            hi = b.trunc(b.lshr(e, _splat(V64, 32)), V32)
+            f = b.and_(hi, _splat(V32, 0x1FFF))
+            bias = b.and_(b.lshr(hi, _splat(V32, 13)), _splat(V32, 0x1FFF))
+            sh = b.lshr(hi, _splat(V32, 26))
+            m = b.icmp_unsigned(">=", b.lshr(x, _splat(V32, A.RENORM_SHIFT)), f)
             cnt = _popc(b, m)
             q = b.sub(q, cnt)
             # compress in a register, then a store of the first cnt lanes (a compress-store
@@ -436,7 +497,7 @@ def _enc_fast(typingctx, syms, ea, eb, xs, buf, io, a):
             x = b.select(m, b.lshr(x, _splat(V32, 16)), x)
             pr = b.mul(b.zext(x, V64), b.zext(rcp, V64))
             qq = b.lshr(b.trunc(b.lshr(pr, _splat(V64, 32)), V32), sh)
-            ys[h] = b.add(b.add(x, bias), b.mul(qq, cmpl))
+            ys[h] = b.add(b.add(x, bias), b.mul(qq, b.sub(_splat(V32, A.M), f)))
         body_end = b.block
         b.branch(head)
         for phi, a0, a1 in ((p, p0, q), (g, g0, gg), (x0, x00, ys[0]), (x1, x10, ys[1])):
@@ -454,23 +515,22 @@ def _enc_fast(typingctx, syms, ea, eb, xs, buf, io, a):
 
 # ---- rANS: per chunk -------------------------------------------------------------------------
 @_inl
-def _enc_lane(syms, i, ea, eb, xs, j, buf, p):
+def _enc_lane(syms, i, ec, xs, j, buf, p):
     """Lane j encodes syms[i] (renormalising first); returns the new word pointer."""
-    s = syms[i]
-    ae = ea[s]
-    be = eb[s]
+    e = ec[syms[i]]
+    f = (e >> U32) & F13
     x = np.uint64(xs[j])
-    need = np.uint64(x > (ae >> U32))
+    need = np.uint64((x >> RSH) >= f)
     buf[p - 1] = np.uint16(x & M16)       # kept only when needed (else overwritten)
     p -= np.int64(need)
     x >>= need << np.uint64(4)
-    q = ((x * (ae & M32)) >> U32) >> (be >> U32)
-    xs[j] = np.uint32(x + (be & M16) + q * ((be >> U16) & M16))
+    q = ((x * (e & M32)) >> U32) >> (e >> U58)
+    xs[j] = np.uint32(x + ((e >> U45) & F13) + q * (UM - f))
     return p
 
 
 @njit
-def encode_chunk(syms, a, n, W, ea, eb, buf, hi, simd):
+def encode_chunk(syms, a, n, W, ec, buf, hi, simd):
     """Chunk (elements a..a+n-1, W lanes) written backwards into the uint16 words buf ending at
     buf[hi - 1]; returns its first word (W final states, 2 words each, then the words)."""
     xs = np.empty(NL, dtype=np.uint32)
@@ -483,17 +543,17 @@ def encode_chunk(syms, a, n, W, ea, eb, buf, hi, simd):
     for g in range(G - 1, Gf - 1, -1):          # the partial last group
         base = a + g * W
         for j in range(n - g * W - 1, -1, -1):
-            p = _enc_lane(syms, base + j, ea, eb, xs, j, buf, p)
+            p = _enc_lane(syms, base + j, ec, xs, j, buf, p)
     if simd and W == NL:
         io[0] = p
         io[1] = Gf
-        _enc_fast(syms, ea, eb, xs, buf, io, a)
+        _enc_fast(syms, ec, xs, buf, io, a)
         p = io[0]
     else:
         for g in range(Gf - 1, -1, -1):
             base = a + g * W
             for j in range(W - 1, -1, -1):
-                p = _enc_lane(syms, base + j, ea, eb, xs, j, buf, p)
+                p = _enc_lane(syms, base + j, ec, xs, j, buf, p)
     p -= 2 * W
     for j in range(W):
         buf[p + 2 * j] = np.uint16(xs[j] & np.uint32(0xFFFF))
@@ -502,9 +562,9 @@ def encode_chunk(syms, a, n, W, ea, eb, buf, hi, simd):
 
 
 @pjit
-def encode_chunks(syms, ca, cn, cw, ea, eb, buf, hi, starts, simd):
+def encode_chunks(syms, ca, cn, cw, ec, buf, hi, starts, simd):
     for t in numba.prange(ca.shape[0]):
-        starts[t] = encode_chunk(syms, ca[t], cn[t], cw[t], ea, eb, buf, hi[t], simd)
+        starts[t] = encode_chunk(syms, ca[t], cn[t], cw[t], ec, buf, hi[t], simd)
 
 
 @njit

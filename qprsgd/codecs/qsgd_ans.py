@@ -114,8 +114,8 @@ class _AnsNumpy:
         counts = np.bincount(syms, minlength=2 * Ecap + 1).astype(np.int64)
         return norm, counts, int(z.max()), (z[esc] - Ecap).astype(np.uint32)
 
-    def encode_streams(self, syms, pl, ea, eb, buf, hi):
-        return A.encode_ref(syms, pl, ea, eb, buf, hi)
+    def encode_streams(self, syms, pl, ec, buf, hi):
+        return A.encode_ref(syms, pl, ec, buf, hi)
 
     def decode_streams(self, data, offs, pl, tab, esc0, esc1, out32, escpos):
         return A.decode_ref(data, offs, pl, tab, esc0, esc1, out32, escpos)
@@ -164,10 +164,10 @@ class _AnsNumba:
             esc = np.concatenate([escv[bounds[t]:bounds[t] + res[t, 1]] for t in range(nt)])
         return norm, counts.sum(axis=0), int(res[:, 0].max()), esc
 
-    def encode_streams(self, syms, pl, ea, eb, buf, hi):
+    def encode_streams(self, syms, pl, ec, buf, hi):
         starts = np.zeros(pl[0].shape[0], dtype=np.int64)
         with self.core.parallel(self._nt(starts.shape[0])):
-            self.k.encode_chunks(syms, *pl, ea, eb, buf, hi, starts, self.simd)
+            self.k.encode_chunks(syms, *pl, ec, buf, hi, starts, self.simd)
         return starts
 
     def decode_streams(self, data, offs, pl, tab, esc0, esc1, out32, escpos):
@@ -320,13 +320,13 @@ class QSGDAns(_QSGDBase):
         syms = self._scratch_arr("syms", self.d, np.uint16)[:self.d]
         norm, counts, zmax, escv = self.impl.symbols(x, rng, u, Ecap, syms)
         E, freq, cum = self._tables(counts, zmax)
-        ea, eb = A.enc_tables(freq, cum)
+        ec = A.enc_tables(freq, cum)
         pl = self.plan
         nch = pl[0].shape[0]
         cap = self.chunk_elems + 2 * A.MAX_LANES + 2        # words per chunk's region
         hi = (np.arange(nch, dtype=np.int64) + 1) * cap
         buf = self._scratch_arr("rbuf", nch * cap, np.uint16)
-        starts = self.impl.encode_streams(syms, pl, ea, eb, buf, hi)
+        starts = self.impl.encode_streams(syms, pl, ec, buf, hi)
         lens = 2 * (hi - starts)
         head = self._head(norm, E, freq, lens)
         h = head.shape[0]
