@@ -34,13 +34,13 @@ def test_cuda_kernels_match_cpu_in_simulator_full():
 
 def test_cuda_backend_selection():
     """backend='cuda' exists for identity, sign, block_sign, stochastic_bits, qsgd, qsgd_scaled,
-    randk; the other codecs refuse it naming the allowed backends."""
+    randk, qsgd_ans; the other codecs refuse it naming the allowed backends."""
     from qprsgd.registry import CODECS
 
     for name in ("identity", "sign", "block_sign", "stochastic_bits", "qsgd", "qsgd_scaled",
-                 "randk"):
+                 "randk", "qsgd_ans"):
         assert "cuda" in CODECS.get(name).factory.IMPLS
-    for name, p in (("qsgd_runlength", {}), ("qsgd_ans", {}), ("topk", {"k": 1}),
+    for name, p in (("qsgd_runlength", {}), ("topk", {"k": 1}),
                     ("bernoulli_p", {"p": 0.5})):
         with pytest.raises(ValueError, match="backend 'cuda' is not implemented"):
             CODECS.get(name).factory(10, None, backend="cuda", **p)

@@ -22,8 +22,8 @@ import numpy as np
 SCALE_BITS = 12
 M = 1 << SCALE_BITS
 RANS_L = 1 << 15                 # states in [L, 2^31)
-CHUNK_ELEMS = 1 << 17            # elements per chunk (one stream, decoded independently)
-LANE_ELEMS = 4096                # a chunk of n elements has min(32, ceil(n / 4096)) lanes
+CHUNK_ELEMS = 1 << 18            # elements per chunk (one stream, decoded independently)
+LANE_ELEMS = 8192                # a chunk of n elements has min(32, ceil(n / 8192)) lanes
 MAX_LANES = 32
 
 ERR_OK = 0
