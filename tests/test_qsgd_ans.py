@@ -90,7 +90,7 @@ def spec_decode(data, d, s, chunk_elems, lane_elems):
             if not b[p - 1] & 128:
                 break
         freq.append(v)
-    assert sum(freq) == 1 << 12
+    assert sum(freq) == 1 << 14
     cum = [sum(freq[:k]) for k in range(len(freq))]
     nch = -(-d // chunk_elems)
     lens = [u32(p + 4 * t) for t in range(nch)]
@@ -108,9 +108,9 @@ def spec_decode(data, d, s, chunk_elems, lane_elems):
                 k = g * W + j
                 if k >= n:
                     continue
-                slot = x[j] % (1 << 12)
+                slot = x[j] % (1 << 14)
                 sym = max(i for i in range(len(freq)) if freq[i] and cum[i] <= slot)
-                x[j] = freq[sym] * (x[j] >> 12) + slot - cum[sym]
+                x[j] = freq[sym] * (x[j] >> 14) + slot - cum[sym]
                 levels[a + k] = sym
                 if sym >= 2 * E - 1:
                     escaped.append(a + k)

@@ -5,7 +5,7 @@ even though each rANS state is sequential.  The numba (``_nb_ans``) and CUDA (``
 kernels run the same arithmetic per lane and must give the same bytes.
 
 rANS with 31-bit states and 16-bit renormalisation: state x in [L, 2^16 L), L = 2^15;
-frequencies quantized to M = 2^12 (L / M = 8, so a decoder reads at most one 16-bit word per
+frequencies quantized to M = 2^14 (L / M = 2, so a decoder reads at most one 16-bit word per
 symbol and an encoder writes at most one).  Elements are cut into chunks of CHUNK_ELEMS; chunk
 t (n elements) is coded by W = lanes(n) interleaved states sharing one stream: element k of the
 chunk belongs to lane k mod W and group k // W.  Decoding goes group by group; in a group each
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SCALE_BITS = 12
+SCALE_BITS = 14
 M = 1 << SCALE_BITS
 RANS_L = 1 << 15                 # states in [L, 2^31)
 CHUNK_ELEMS = 1 << 18            # elements per chunk (one stream, decoded independently)
@@ -48,12 +48,19 @@ def plan(d: int, chunk_elems: int = CHUNK_ELEMS, lane_elems: int = LANE_ELEMS):
 
 
 RENORM_SHIFT = 16 + (15 - SCALE_BITS)    # x_max = f << RENORM_SHIFT = ((L / M) << 16) f
+# packed table entries (uint64):
+#   decoder, per slot:  value bits (bits 0-31) | f << 32 (15 bits) | (slot - cum) << 48 (14 bits)
+#   encoder, per symbol: rcp - 2^31 (bits 0-30; rcp is in [2^31, 2^32)) | (f - 1) << 31 (14 bits)
+#                        | bias << 45 (15 bits) | shift << 60
+DF_SHIFT, DF_MASK, DB_SHIFT, DB_MASK = 32, 0x7FFF, 48, M - 1
+EF_SHIFT, EF_MASK, EB_SHIFT, EB_MASK, ES_SHIFT = 31, M - 1, 45, 0x7FFF, 60
+RCP_TOP = 1 << 31
 
 
 def enc_tables(freq, cum):
-    """Per symbol one packed uint64: rcp | f << 32 | bias << 45 | shift << 58 (ryg's reciprocal
-    encoder: x -> x + bias + ((x * rcp) >> 32 >> shift) (M - f) = (x // f) M + x % f + cum for
-    x < 2^31; renormalise first while x >= x_max = f << 19, i.e. (x >> 19) >= f)."""
+    """Per symbol one packed uint64 (layout above) of ryg's reciprocal encoder: x -> x + bias +
+    ((x * rcp) >> 32 >> shift) (M - f) = (x // f) M + x % f + cum for x < 2^31; renormalise
+    first when x >= x_max = f << RENORM_SHIFT, i.e. (x >> RENORM_SHIFT) >= f."""
     n = freq.shape[0]
     ec = np.zeros(n, dtype=np.uint64)
     for s in range(n):
@@ -66,13 +73,14 @@ def enc_tables(freq, cum):
             shift = (f - 1).bit_length()
             rcp = ((1 << (shift + 31)) + f - 1) // f
             sh, bias = shift - 1, int(cum[s])
-        ec[s] = rcp | (f << 32) | (bias << 45) | (sh << 58)
+        assert rcp >> 31 == 1
+        ec[s] = (rcp - RCP_TOP) | ((f - 1) << EF_SHIFT) | (bias << EB_SHIFT) | (sh << ES_SHIFT)
     return ec
 
 
 def dec_table(freq, cum, vals):
-    """Per slot (M) one packed uint64: float32 bits of the symbol's decoded value | freq << 32 |
-    (slot - cum) << 48.  Escape symbols (the last two) carry value 0: a decoder tells them by the
+    """Per slot (M) one packed uint64 (layout above): float32 bits of the symbol's decoded value,
+    f, slot - cum.  Escape symbols (the last two) carry value 0: a decoder tells them by the
     slot (>= cum[2E - 1]; >= cum[2E] is the negative one)."""
     na = freq.shape[0]
     sym = np.repeat(np.arange(na, dtype=np.int64), freq)
@@ -80,7 +88,7 @@ def dec_table(freq, cum, vals):
     v[:na - 2] = vals[:na - 2]
     bits = v.view(np.uint32).astype(np.uint64)
     bias = (np.arange(M, dtype=np.int64) - cum[sym]).astype(np.uint64)
-    return bits[sym] | (freq[sym].astype(np.uint64) << _U(32)) | (bias << _U(48))
+    return bits[sym] | (freq[sym].astype(np.uint64) << _U(DF_SHIFT)) | (bias << _U(DB_SHIFT))
 
 
 def encode_ref(syms, pl, ec, out16, hi):
@@ -92,14 +100,14 @@ def encode_ref(syms, pl, ec, out16, hi):
     j = np.arange(MAX_LANES, dtype=np.int64)[None, :]
     x = np.full((nch, MAX_LANES), RANS_L, dtype=np.uint64)
     p = np.asarray(hi, dtype=np.int64).copy()
-    m13, s16, s32 = _U(0x1FFF), _U(16), _U(32)
+    s16, s32 = _U(16), _U(32)
     G = int(((n + w - 1) // w).max()) if nch else 0
     for g in range(G - 1, -1, -1):
         k = g * w[:, None] + j
         act = (j < w[:, None]) & (k < n[:, None])
         s = np.where(act, syms[np.minimum(a[:, None] + k, syms.shape[0] - 1)], 0)
         e = ec[s]
-        f = (e >> s32) & m13
+        f = ((e >> _U(EF_SHIFT)) & _U(EF_MASK)) + _U(1)
         need = act & ((x >> _U(RENORM_SHIFT)) >= f)
         cnt = need.sum(axis=1)
         rank = np.cumsum(need, axis=1) - need
@@ -107,8 +115,9 @@ def encode_ref(syms, pl, ec, out16, hi):
         out16[pos[need]] = (x[need] & _U(0xFFFF)).astype(np.uint16)
         p -= cnt
         x = np.where(need, x >> s16, x)
-        q = ((x * (e & _U(0xFFFFFFFF))) >> s32) >> (e >> _U(58))
-        x = np.where(act, x + ((e >> _U(45)) & m13) + q * (_U(M) - f), x)
+        rcp = (e & _U(RCP_TOP - 1)) | _U(RCP_TOP)
+        q = ((x * rcp) >> s32) >> (e >> _U(ES_SHIFT))
+        x = np.where(act, x + ((e >> _U(EB_SHIFT)) & _U(EB_MASK)) + q * (_U(M) - f), x)
     p -= 2 * w
     for t in range(nch):
         st = x[t, :w[t]].astype("<u4").view("<u2")
@@ -148,8 +157,8 @@ def decode_ref(data, offs, pl, tab, esc0, esc1, out32, escpos):
         act = live[:, None] & lane & (k < n[:, None])
         slot = x & mask
         e = tab[slot]
-        x = np.where(act, ((e >> _U(32)) & _U(0x1FFF)) * (x >> sb) + ((e >> _U(48)) & _U(0xFFF)),
-                     x)
+        x = np.where(act, ((e >> _U(DF_SHIFT)) & _U(DF_MASK)) * (x >> sb)
+                     + ((e >> _U(DB_SHIFT)) & _U(DB_MASK)), x)
         idx = (a[:, None] + k)[act]
         out32[idx] = (e[act] & _U(0xFFFFFFFF)).astype(np.uint32)
         esc = act & (slot >= esc0)

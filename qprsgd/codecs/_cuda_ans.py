@@ -152,7 +152,7 @@ def ans_encode(syms, ca, cn, cw, ec, buf, cap, starts):
         f = np.uint64(0)
         if act:
             e = ec[syms[a + k]]
-            f = (e >> np.uint64(32)) & np.uint64(0x1FFF)
+            f = ((e >> np.uint64(A.EF_SHIFT)) & np.uint64(A.EF_MASK)) + np.uint64(1)
             need = (x >> np.uint64(A.RENORM_SHIFT)) >= f
         sl = it % 3
         if need:
@@ -169,8 +169,10 @@ def ans_encode(syms, ca, cn, cw, ec, buf, cap, starts):
             x >>= np.uint64(16)
         p -= cnt
         if act:
-            q64 = ((x * (e & np.uint64(0xFFFFFFFF))) >> np.uint64(32)) >> (e >> np.uint64(58))
-            x = x + ((e >> np.uint64(45)) & np.uint64(0x1FFF)) + q64 * (np.uint64(A.M) - f)
+            rcp = (e & np.uint64(A.RCP_TOP - 1)) | np.uint64(A.RCP_TOP)
+            q64 = ((x * rcp) >> np.uint64(32)) >> (e >> np.uint64(A.ES_SHIFT))
+            x = x + ((e >> np.uint64(A.EB_SHIFT)) & np.uint64(A.EB_MASK)) + \
+                q64 * (np.uint64(A.M) - f)
     p -= 2 * W
     if j < W:
         q = 4 * j + 2 * p
@@ -261,8 +263,8 @@ def ans_decode(data, offs, ca, cn, cw, tab, esc0, esc1, out32, escpos, res):
         if act:
             slot = x & np.uint64(A.M - 1)
             e = tab[slot]
-            x = ((e >> np.uint64(32)) & np.uint64(0x1FFF)) * (x >> np.uint64(A.SCALE_BITS)) + \
-                ((e >> np.uint64(48)) & np.uint64(0xFFF))
+            x = ((e >> np.uint64(A.DF_SHIFT)) & np.uint64(A.DF_MASK)) * \
+                (x >> np.uint64(A.SCALE_BITS)) + ((e >> np.uint64(A.DB_SHIFT)) & np.uint64(A.DB_MASK))
             out32[a + k] = np.uint32(e & np.uint64(0xFFFFFFFF))
             isesc = slot >= esc0
             need = x < L

@@ -37,12 +37,14 @@ SB = np.uint64(A.SCALE_BITS)
 M16 = np.uint64(0xFFFF)
 M32 = np.uint64(0xFFFFFFFF)
 U16 = np.uint64(16)
-U48 = np.uint64(48)
-F13 = np.uint64(0x1FFF)
-F12 = np.uint64(0xFFF)
+DFS, DFM = np.uint64(A.DF_SHIFT), np.uint64(A.DF_MASK)
+DBS, DBM = np.uint64(A.DB_SHIFT), np.uint64(A.DB_MASK)
+EFS, EFM = np.uint64(A.EF_SHIFT), np.uint64(A.EF_MASK)
+EBS, EBM = np.uint64(A.EB_SHIFT), np.uint64(A.EB_MASK)
+ESS = np.uint64(A.ES_SHIFT)
+RTOP = np.uint64(A.RCP_TOP)
 LMAX = np.uint64(1 << 31)
 RSH = np.uint64(A.RENORM_SHIFT)
-U45 = np.uint64(45)
 UM = np.uint64(A.M)
 NL = A.MAX_LANES
 
@@ -415,8 +417,9 @@ def _dec_fast(typingctx, data, tab, xs, out32, io, base, g1, pe, esc0):
             val = b.trunc(e, V32)
             o = b.add(base, b.add(b.mul(g, ir.Constant(I64, 32)), ir.Constant(I64, 16 * h)))
             b.store(val, b.bitcast(_at(b, ao, o, I32), V32.as_pointer()), align=4)
-            f = b.and_(b.trunc(b.lshr(e, _splat(V64, 32)), V32), _splat(V32, 0x1FFF))
-            bias = b.trunc(b.lshr(e, _splat(V64, 48)), V32)
+            f = b.and_(b.trunc(b.lshr(e, _splat(V64, A.DF_SHIFT)), V32), _splat(V32, A.DF_MASK))
+            bias = b.and_(b.trunc(b.lshr(e, _splat(V64, A.DB_SHIFT)), V32),
+                          _splat(V32, A.DB_MASK))
             y = b.add(b.mul(f, b.lshr(x, _splat(V32, A.SCALE_BITS))), bias)
             m = b.icmp_unsigned("<", y, _splat(V32, A.RANS_L))
             ef = _fn(b.module, "llvm.masked.expandload.v16i16", V16, [PTR, V1, V16])
@@ -479,11 +482,12 @@ def _enc_fast(typingctx, syms, ec, xs, buf, io, a):
             sp = b.bitcast(_at(b, asy, b.add(gb, ir.Constant(I64, 16 * h)), I16),
                            V16.as_pointer())
             e = _gather64(b, ae.data, b.zext(b.load(sp, align=2), V32))
-            rcp = b.trunc(e, V32)
-            hi = b.trunc(b.lshr(e, _splat(V64, 32)), V32)
-            f = b.and_(hi, _splat(V32, 0x1FFF))
-            bias = b.and_(b.lshr(hi, _splat(V32, 13)), _splat(V32, 0x1FFF))
-            sh = b.lshr(hi, _splat(V32, 26))
+            rcp = b.or_(b.trunc(e, V32), _splat(V32, A.RCP_TOP))
+            f = b.add(b.and_(b.trunc(b.lshr(e, _splat(V64, A.EF_SHIFT)), V32),
+                             _splat(V32, A.EF_MASK)), _splat(V32, 1))
+            bias = b.and_(b.trunc(b.lshr(e, _splat(V64, A.EB_SHIFT)), V32),
+                          _splat(V32, A.EB_MASK))
+            sh = b.trunc(b.lshr(e, _splat(V64, A.ES_SHIFT)), V32)
             m = b.icmp_unsigned(">=", b.lshr(x, _splat(V32, A.RENORM_SHIFT)), f)
             cnt = _popc(b, m)
             q = b.sub(q, cnt)
@@ -518,14 +522,14 @@ def _enc_fast(typingctx, syms, ec, xs, buf, io, a):
 def _enc_lane(syms, i, ec, xs, j, buf, p):
     """Lane j encodes syms[i] (renormalising first); returns the new word pointer."""
     e = ec[syms[i]]
-    f = (e >> U32) & F13
+    f = ((e >> EFS) & EFM) + U1
     x = np.uint64(xs[j])
     need = np.uint64((x >> RSH) >= f)
     buf[p - 1] = np.uint16(x & M16)       # kept only when needed (else overwritten)
     p -= np.int64(need)
     x >>= need << np.uint64(4)
-    q = ((x * (e & M32)) >> U32) >> (e >> U58)
-    xs[j] = np.uint32(x + ((e >> U45) & F13) + q * (UM - f))
+    q = ((x * ((e & (RTOP - U1)) | RTOP)) >> U32) >> (e >> ESS)
+    xs[j] = np.uint32(x + ((e >> EBS) & EBM) + q * (UM - f))
     return p
 
 
@@ -575,7 +579,7 @@ def _dec_group(data, p, pe, xs, a, base, m, tab, esc0, esc1, out32, escpos, ne):
             x = np.uint64(xs[j])
             slot = x & MASK
             e = tab[slot]
-            x = ((e >> U32) & F13) * (x >> SB) + ((e >> U48) & F12)
+            x = ((e >> DFS) & DFM) * (x >> SB) + ((e >> DBS) & DBM)
             out32[base + j] = np.uint32(e & M32)
             if slot >= esc0:
                 escpos[a + ne] = 2 * (base + j) + np.int64(slot >= esc1)
@@ -590,7 +594,7 @@ def _dec_group(data, p, pe, xs, a, base, m, tab, esc0, esc1, out32, escpos, ne):
         x = np.uint64(xs[j])
         slot = x & MASK
         e = tab[slot]
-        x = ((e >> U32) & F13) * (x >> SB) + ((e >> U48) & F12)
+        x = ((e >> DFS) & DFM) * (x >> SB) + ((e >> DBS) & DBM)
         out32[base + j] = np.uint32(e & M32)
         if slot >= esc0:
             escpos[a + ne] = 2 * (base + j) + np.int64(slot >= esc1)

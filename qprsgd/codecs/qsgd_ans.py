@@ -4,7 +4,7 @@ entropy-coded by rANS under a static table sent in the message.
 Symbols: each element's signed level, alphabet of A = 2E + 1 symbols, E = min(max level, s,
 E_MAX - 1) + 1:  0 for level 0 (no sign: a zero has none);  2z - 1 for +z and 2z for -z,
 1 <= z < E;  2E - 1 / 2E for an escaped level z >= E (+ / -), whose value follows in the escape
-section.  Frequencies are the symbol counts scaled to M = 2^12 (every symbol that occurs gets
+section.  Frequencies are the symbol counts scaled to M = 2^14 (every symbol that occurs gets
 >= 1; the rounding remainder goes to the most frequent symbols); cum[s] = f[0] + ... + f[s-1].
 
 Wire (byte-aligned; nbits = 8 * bytes, nothing to pad):
@@ -20,7 +20,7 @@ Wire (byte-aligned; nbits = 8 * bytes, nothing to pad):
               (uint32 LE, lane 0 first, each in [L, 2^31), L = 2^15), then 16-bit LE words.
               Decoding runs group by group: each lane with an element in the group takes
               slot = x mod M, the symbol s with cum[s] <= slot < cum[s] + f[s], and
-              x <- f[s] (x >> 12) + slot - cum[s]; then the lanes whose x fell below L read one
+              x <- f[s] (x >> 14) + slot - cum[s]; then the lanes whose x fell below L read one
               word each, in lane order (x <- x << 16 | word).  The decoder must end with every
               state at L, having read exactly the chunk's length.
   escapes     one uint32 LE (z - E) per escaped element, in element order; exactly the number
