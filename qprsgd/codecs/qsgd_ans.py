@@ -206,6 +206,10 @@ class QSGDAns(_QSGDBase):
     chunk_elems = A.CHUNK_ELEMS     # the format's constants; tests may shrink them on an
     lane_elems = A.LANE_ELEMS       # instance (every backend reads them from here)
 
+    def _nt(self):
+        """Threads a call of the numba backend runs on (at most one per chunk)."""
+        return max(1, min(self.threads, self.nch)) if self.backend == "numba" else 1
+
     @property
     def plan(self):
         """(first element, elements, lanes) per chunk."""
