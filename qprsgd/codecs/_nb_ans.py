@@ -95,6 +95,20 @@ def _gather64(b, base, idx):
     return b.call(f, [ptrs, ir.Constant(I32, 8), _splat(V1, 1), ir.Constant(V64, None)])
 
 
+def _perm16(b, lo, hi, idx):
+    """<16 x i64> table[idx] for a 16-entry table held in two <8 x i64> registers (lo: entries
+    0-7, hi: 8-15; idx < 16): two AVX-512 vpermi2q, no memory access."""
+    V8 = ir.VectorType(I64, 8)
+    f = _fn(b.module, "llvm.x86.avx512.vpermi2var.q.512", V8, [V8, V8, V8])
+    i64 = b.zext(idx, V64)
+    parts = []
+    for h in range(2):
+        ih = b.shuffle_vector(i64, i64, ir.Constant(ir.VectorType(I32, 8),
+                                                    list(range(8 * h, 8 * h + 8))))
+        parts.append(b.call(f, [lo, ih, hi]))
+    return b.shuffle_vector(parts[0], parts[1], ir.Constant(V32, list(range(16))))
+
+
 def _popc(b, m):
     f = _fn(b.module, "llvm.ctpop.i16", I16, [I16])
     return b.zext(b.call(f, [b.bitcast(m, I16)]), I64)
@@ -443,16 +457,28 @@ def _dec_fast(typingctx, data, tab, xs, out32, io, base, g1, pe, esc0):
     return sig, codegen
 
 
-@intrinsic
-def _enc_fast(typingctx, syms, ec, xs, buf, io, a):
-    """Full 32-lane groups io[1] - 1 down to 0 of the chunk starting at element a, written
-    backwards into the uint16 words buf before word io[0]; io = (p, 0) at the end, xs
-    (uint32[32]) the states."""
-    sig = types.void(syms, ec, xs, buf, io, types.int64)
+def _enc_fast_gen(perm):
+    """The encoder's group loop; ``perm``: the per-symbol entries looked up from registers
+    (alphabets of <= 16 symbols; ec padded to 16 entries) instead of gathered."""
+    def gen(typingctx, syms, ec, xs, buf, io, a):
+        """Full 32-lane groups io[1] - 1 down to 0 of the chunk starting at element a, written
+        backwards into the uint16 words buf before word io[0]; io = (p, 0) at the end, xs
+        (uint32[32]) the states."""
+        sig = types.void(syms, ec, xs, buf, io, types.int64)
+        return sig, _enc_codegen(perm)
 
+    gen.__name__ = gen.__qualname__ = "_enc_fast16" if perm else "_enc_fast"
+    return gen
+
+
+def _enc_codegen(perm):
     def codegen(context, b, signature, args):
         asy, ae, ax, abuf, aio = (_arr(context, b, signature.args[k], args[k]) for k in range(5))
         a = args[5]
+        if perm:
+            V8 = ir.VectorType(I64, 8)
+            tlo = b.load(b.bitcast(_at(b, ae, ir.Constant(I64, 0), I64), V8.as_pointer()), align=8)
+            thi = b.load(b.bitcast(_at(b, ae, ir.Constant(I64, 8), I64), V8.as_pointer()), align=8)
         pio = _at(b, aio, ir.Constant(I64, 0), I64)
         gio = _at(b, aio, ir.Constant(I64, 1), I64)
         px0 = b.bitcast(_at(b, ax, ir.Constant(I64, 0), I32), V32.as_pointer())
@@ -481,7 +507,8 @@ def _enc_fast(typingctx, syms, ec, xs, buf, io, a):
         for h, x in ((1, x1), (0, x0)):
             sp = b.bitcast(_at(b, asy, b.add(gb, ir.Constant(I64, 16 * h)), I16),
                            V16.as_pointer())
-            e = _gather64(b, ae.data, b.zext(b.load(sp, align=2), V32))
+            sy = b.zext(b.load(sp, align=2), V32)
+            e = _perm16(b, tlo, thi, sy) if perm else _gather64(b, ae.data, sy)
             rcp = b.or_(b.trunc(e, V32), _splat(V32, A.RCP_TOP))
             f = b.add(b.and_(b.trunc(b.lshr(e, _splat(V64, A.EF_SHIFT)), V32),
                              _splat(V32, A.EF_MASK)), _splat(V32, 1))
@@ -514,7 +541,12 @@ def _enc_fast(typingctx, syms, ec, xs, buf, io, a):
         b.store(x1, px1, align=4)
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
+
+
+_enc_fast = intrinsic(_enc_fast_gen(False))
+# the register lookup is an x86 AVX-512 instruction: elsewhere the gather version stands in
+_enc_fast16 = intrinsic(_enc_fast_gen(SIMD))
 
 
 # ---- rANS: per chunk -------------------------------------------------------------------------
@@ -551,7 +583,10 @@ def encode_chunk(syms, a, n, W, ec, buf, hi, simd):
     if simd and W == NL:
         io[0] = p
         io[1] = Gf
-        _enc_fast(syms, ec, xs, buf, io, a)
+        if ec.shape[0] <= 16:
+            _enc_fast16(syms, ec, xs, buf, io, a)
+        else:
+            _enc_fast(syms, ec, xs, buf, io, a)
         p = io[0]
     else:
         for g in range(Gf - 1, -1, -1):

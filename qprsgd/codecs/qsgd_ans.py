@@ -336,6 +336,8 @@ class QSGDAns(_QSGDBase):
         norm, counts, zmax, escv = self.impl.symbols(x, rng, u, Ecap, syms)
         E, freq, cum = self._tables(counts, zmax)
         ec = A.enc_tables(freq, cum)
+        if ec.shape[0] < 16:     # numba's register lookup reads 16 entries
+            ec = np.concatenate([ec, np.zeros(16 - ec.shape[0], dtype=np.uint64)])
         pl = self.plan
         nch = pl[0].shape[0]
         cap = self.chunk_elems + 2 * A.MAX_LANES + 2        # words per chunk's region
