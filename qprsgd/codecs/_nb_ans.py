@@ -66,11 +66,19 @@ VPTR = ir.VectorType(PTR, VL)
 
 
 def _host_simd() -> bool:
+    """AVX-512 F/BW/VL/VBMI2 on the CPU numba compiles for (the host, or NUMBA_CPU_NAME with
+    NUMBA_CPU_FEATURES when a portable target is asked for)."""
     try:
+        from numba.core import config
+
+        want = ("avx512f", "avx512bw", "avx512vl", "avx512vbmi2")
+        if config.CPU_NAME and config.CPU_NAME != "host":
+            feats = {f.strip() for f in (config.CPU_FEATURES or "").split(",")}
+            return all("+" + k in feats for k in want)
         import llvmlite.binding as llvm
 
         f = llvm.get_host_cpu_features()
-        return all(f.get(k, False) for k in ("avx512f", "avx512bw", "avx512vl", "avx512vbmi2"))
+        return all(f.get(k, False) for k in want)
     except Exception:  # pragma: no cover - feature query unavailable
         return False
 
