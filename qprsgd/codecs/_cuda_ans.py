@@ -263,8 +263,9 @@ def ans_decode(data, offs, ca, cn, cw, tab, esc0, esc1, out32, escpos, res):
         if act:
             slot = x & np.uint64(A.M - 1)
             e = tab[slot]
-            x = ((e >> np.uint64(A.DF_SHIFT)) & np.uint64(A.DF_MASK)) * \
-                (x >> np.uint64(A.SCALE_BITS)) + ((e >> np.uint64(A.DB_SHIFT)) & np.uint64(A.DB_MASK))
+            f = (e >> np.uint64(A.DF_SHIFT)) & np.uint64(A.DF_MASK)
+            x = f * (x >> np.uint64(A.SCALE_BITS)) + \
+                ((e >> np.uint64(A.DB_SHIFT)) & np.uint64(A.DB_MASK))
             out32[a + k] = np.uint32(e & np.uint64(0xFFFFFFFF))
             isesc = slot >= esc0
             need = x < L
