@@ -39,7 +39,8 @@ CASES = [("identity", {}, None), ("sign", {}, None), ("block_sign", {}, [3, 60, 
          ("qsgd", {}, None), ("qsgd", {"s": 1}, None), ("qsgd", {"s": 2**20}, None),
          ("qsgd_scaled", {"s": 7}, None), ("randk", {"k": 5}, None),
          ("qsgd_runlength", {}, None), ("qsgd_runlength", {"s": 1}, None),
-         ("qsgd_runlength", {"s": 3}, None), ("qsgd_runlength", {"s": 2**20}, None)]
+         ("qsgd_runlength", {"s": 3}, None), ("qsgd_runlength", {"s": 2**20}, None),
+         ("qsgd_ans", {}, None)]
 SEG_BITS = 32   # the qsgd family's decode segments under the simulator: many segments per payload
 # sparse: topk with k = 1, most (past the ties at 0 and +-0.5), k = d and (not --quick) a few;
 # bernoulli_p with p small (k often 0-3), 1/2 and 1
@@ -49,6 +50,13 @@ CASES += [("topk", {"ratio": 0.03}, None), ("topk", {"ratio": 0.8}, None),
           ("bernoulli_p", {"p": 1.0}, None)]
 SPARSE = ("topk", "bernoulli_p")
 SLOW_ONLY = [("topk", {"ratio": 0.15})]
+
+# qsgd_ans with its format constants shrunk on both codecs (chunk elements, elements per lane),
+# so a few hundred elements make several chunks of up to 32 lanes (d not a multiple of either):
+# (params, d, chunk_elems, lane_elems, vector kinds)
+ANS_SMALL = [({}, 700, 512, 16, ("gauss",)),                 # chunks of 32 and 12 lanes
+             ({"s": 2**20}, 1000, 256, 8, ("mixed",)),       # escapes (levels >= 1024)
+             ({"s": 3}, 300, 64, 2, ("zeros",))]             # 5 chunks, small E
 
 
 def vec(kind, d, seed):
@@ -146,6 +154,38 @@ def outcome(f):
         return ("CodecError", str(e))
 
 
+def check(a, g, name, params, d, kind, quick):
+    """One vector: encode on both backends (same bytes, same generator state), decode on both
+    (same vector), then malformed payloads (same CodecError) for the qsgd family, stochastic_bits
+    and the sparsifiers."""
+    x = vec(kind, d, d)
+    ra, rg = np.random.default_rng(3), np.random.default_rng(3)
+    pa, pg = outcome(lambda: a.encode(x, ra)), outcome(lambda: g.encode(x, rg))
+    assert pa == pg, (name, params, d, kind, pa[:1], pg[:1])
+    assert ra.bit_generator.state == rg.bit_generator.state, (name, d, kind)
+    if pa[0] != "ok":
+        return 0
+    data = np.frombuffer(pa[1], np.uint8).copy()
+    da, dg = outcome(lambda: a.decode(data)), outcome(lambda: g.decode(data))
+    assert da == dg, (name, params, d, kind)
+    if name in SPARSE and quick and kind != "gauss":
+        return 1            # the record checks do not depend on the vector: once
+    if name.startswith("qsgd") or name in ("stochastic_bits",) + SPARSE:
+        r = np.random.default_rng(d)
+        bads = [data[:n] for n in (0, 3, 4, len(data) - 1)] + \
+            [np.concatenate([data, np.zeros(1, np.uint8)])]
+        for _ in range(2 if quick else 6):
+            b = data.copy()
+            b[int(r.integers(0, len(b)))] ^= np.uint8(1 << int(r.integers(0, 8)))
+            bads.append(b)
+        if name in SPARSE:
+            bads += sparse_bads(name, data, d)
+        for b in bads:
+            assert outcome(lambda: a.decode(b)) == outcome(lambda: g.decode(b)), \
+                (name, params, d, kind, b.tobytes().hex())
+    return 1
+
+
 def main():
     quick = "--quick" in sys.argv     # the default test run: fewer sizes and vector kinds
     checked = 0
@@ -165,34 +205,16 @@ def main():
             if name == "qsgd_runlength" and quick:
                 kinds = ("gauss", "zeros")
             for kind in kinds:
-                x = vec(kind, d, d)
-                ra, rg = np.random.default_rng(3), np.random.default_rng(3)
-                pa, pg = outcome(lambda: a.encode(x, ra)), outcome(lambda: g.encode(x, rg))
-                assert pa == pg, (name, params, d, kind, pa[:1], pg[:1])
-                assert ra.bit_generator.state == rg.bit_generator.state, (name, d, kind)
-                if pa[0] != "ok":
-                    continue
-                data = np.frombuffer(pa[1], np.uint8).copy()
-                da, dg = outcome(lambda: a.decode(data)), outcome(lambda: g.decode(data))
-                assert da == dg, (name, params, d, kind)
-                checked += 1
-                if name in SPARSE and quick and kind != "gauss":
-                    continue        # the record checks do not depend on the vector: once
-                if name.startswith("qsgd") or name in ("stochastic_bits",) + SPARSE:
-                    r = np.random.default_rng(d)
-                    bads = [data[:n] for n in (0, 3, 4, len(data) - 1)] + \
-                        [np.concatenate([data, np.zeros(1, np.uint8)])]
-                    for _ in range(2 if quick else 6):
-                        b = data.copy()
-                        b[int(r.integers(0, len(b)))] ^= np.uint8(1 << int(r.integers(0, 8)))
-                        bads.append(b)
-                    if name in SPARSE:
-                        bads += sparse_bads(name, data, d)
-                    for b in bads:
-                        assert outcome(lambda: a.decode(b)) == outcome(lambda: g.decode(b)), \
-                            (name, params, d, kind, b.tobytes().hex())
+                checked += check(a, g, name, params, d, kind, quick)
         if name in SPARSE:     # encode errors: NaN / Inf input (before any draw), z/p overflow
             checked += check_encode_errors(a, g, d)
+    for params, d, ce, le, kinds in ANS_SMALL:
+        a = CODECS.get("qsgd_ans").factory(d, None, backend="numpy", **params)
+        g = CODECS.get("qsgd_ans").factory(d, None, backend="cuda", **params)
+        for c in (a, g):
+            c.chunk_elems, c.lane_elems = ce, le
+        for kind in kinds:
+            checked += check(a, g, "qsgd_ans", params, d, kind, quick)
     checked += check_topk_threshold(quick)
     checked += segment_checks(quick)
     print(f"cuda-sim ok {checked}")

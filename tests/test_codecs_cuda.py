@@ -34,16 +34,16 @@ def test_cuda_kernels_match_cpu_in_simulator_full():
 
 def test_cuda_backend_selection():
     """backend='cuda' exists for identity, sign, block_sign, stochastic_bits, qsgd, qsgd_scaled,
-    qsgd_runlength, randk, topk, bernoulli_p; the other codecs refuse it naming the allowed backends."""
+    qsgd_runlength, qsgd_ans, randk, topk, bernoulli_p: every registered codec; a backend that
+    does not exist is refused naming the allowed ones."""
     from qprsgd.registry import CODECS
 
-    for name in ("identity", "sign", "block_sign", "stochastic_bits", "qsgd", "qsgd_scaled",
-                 "randk", "topk", "bernoulli_p"):
-        assert "cuda" in CODECS.get(name).factory.IMPLS
-    assert "cuda" in CODECS.get("qsgd_runlength").factory.IMPLS
-    for name, p in (("qsgd_ans", {}),):
-        with pytest.raises(ValueError, match="backend 'cuda' is not implemented"):
-            CODECS.get(name).factory(10, None, backend="cuda", **p)
+    names = CODECS.names()
+    assert {"identity", "qsgd", "qsgd_ans", "topk", "bernoulli_p", "qsgd_runlength"} <= set(names)
+    for name in names:
+        assert "cuda" in CODECS.get(name).factory.IMPLS, name
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        CODECS.get("qsgd").factory(10, None, backend="gpu")
 
 
 def test_cuda_sparse_kernels_compile_to_ptx():
