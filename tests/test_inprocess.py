@@ -142,7 +142,7 @@ def test_inprocess_run_never_imports_mpi(tmp_path):
 
 @pytest.mark.mpi
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("M", [2, 4, 8])
+@pytest.mark.parametrize("M", [2, 4, pytest.param(8, marks=pytest.mark.slow)])   # 8 ranks on 2 cores: 45 s
 def test_inprocess_equals_mpi(M, tmp_path):
     cfgs = alg_configs(M)
     (tmp_path / "ip").mkdir()
