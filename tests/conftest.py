@@ -96,3 +96,19 @@ def run_many(n: int, cfgs: dict, tmp_path: Path, timeout: float = 240, mpi: bool
 def final_params(h5_path) -> "np.ndarray":
     from qprsgd.logger import read
     return read(str(h5_path))["final"]["params"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _numba_kernels_compiled_once():
+    """Compile every codec's numba kernels once (or load them from numba's on-disk cache), in this
+    process, before any test starts: in a fresh clone the cache is empty, and the 2-4 ranks of
+    each early mpiexec test would otherwise all compile the same kernels at the same time."""
+    from qprsgd.codecs.backends import numba_importable
+    if not numba_importable():
+        return
+    from qprsgd.registry import CODECS
+
+    params = {"topk": {"k": 8}, "randk": {"k": 8}, "bernoulli_p": {"p": 0.5}}
+    for name in CODECS.names():
+        for threads in (1, 2):
+            CODECS.get(name).factory(4096, None, threads=threads, **params.get(name, {})).warmup()
