@@ -54,7 +54,7 @@ SLOW_ONLY = [("topk", {"ratio": 0.15})]
 # qsgd_ans with its format constants shrunk on both codecs (chunk elements, elements per lane),
 # so a few hundred elements make several chunks of up to 32 lanes (d not a multiple of either):
 # (params, d, chunk_elems, lane_elems, vector kinds)
-ANS_SMALL = [({}, 700, 512, 16, ("gauss",)),                 # chunks of 32 and 12 lanes
+ANS_SMALL = [({}, 200, 128, 4, ("gauss",)),                  # chunks of 32 and 18 lanes
              ({"s": 2**20}, 1000, 256, 8, ("mixed",)),       # escapes (levels >= 1024)
              ({"s": 3}, 300, 64, 2, ("zeros",))]             # 5 chunks, small E
 

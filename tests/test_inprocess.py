@@ -178,6 +178,7 @@ def test_inprocess_equals_mpi(M, tmp_path):
 
 
 @pytest.mark.mpi
+@pytest.mark.slow      # the default run's M = 2 sweep above holds the same configs
 @pytest.mark.timeout(600)
 def test_ps_per_bucket_inprocess_equals_mpi_2_ranks(tmp_path):
     """The cheap check of the parameter-server per-bucket pushes under MPI (the M sweep above

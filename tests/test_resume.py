@@ -11,8 +11,8 @@ from resume_util import check_kill_resume
 
 def cfg(alg: dict) -> dict:
     return {"seed": 5, "run": {"progress": False},
-            "train": {"epochs": 30, "batch_size": 8, "lr": 0.05, "eval_every": 200, "log_every": 7,
-                      "checkpoint_every": 50, "schedule": {"kind": "step", "milestones": [10, 20]}},
+            "train": {"epochs": 4, "batch_size": 8, "lr": 0.05, "eval_every": 200, "log_every": 7,
+                      "checkpoint_every": 50, "schedule": {"kind": "step", "milestones": [1.5, 3]}},
             "model": {"name": "mlp", "hidden": [16]}, "data": {"name": "digits"}, "algorithm": alg}
 
 
