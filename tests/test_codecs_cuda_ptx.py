@@ -36,6 +36,10 @@ SIGS = {
     "rl_values": "void(uint32[:], int64[:], int64[:], int64[:], int64, int64, float32[:], "
                  "float64, float64, float32[:], int64[:], int64[:])",
     "rl_scatter": "void(float32[:], int64[:], int64[:], int64[:], int64, float32[:])",
+    # the shared kernels of _cuda_kernels.py the qsgd encoder and stochastic_bits use
+    "K.block_scan": "void(int64[:], int64[:], int64[:], int64)",
+    "K.write_codes": "void(uint64[:], int64[:], int64[:], uint32[:])",
+    "K.sbits_levels": "void(float32[:], float32[:], float64, float64, float64, int64[:])",
 }
 
 SCRIPT = r"""
@@ -50,10 +54,12 @@ try:
 except Exception as e:  # no NVVM / toolkit
     print("no-nvvm", repr(e)[:300])
     sys.exit(77)
+from qprsgd.codecs import _cuda_kernels as K
 from qprsgd.codecs import _cuda_qsgd as Q
 sigs = eval(sys.argv[1])
 for name, sig in sigs.items():
-    ptx, _ = cuda.compile_ptx(getattr(Q, name).py_func, sig, cc=(9, 0))
+    fn = getattr(K, name[2:]) if name.startswith("K.") else getattr(Q, name)
+    ptx, _ = cuda.compile_ptx(fn.py_func, sig, cc=(9, 0))
     # integer-only kernels must not go through floating point (an int64/uint64 mix does)
     if name.startswith(("seg_", "rl_compact", "rl_lens", "rl_write", "be_words")):
         assert not re.search(r"\.f(32|64)\b", ptx), name

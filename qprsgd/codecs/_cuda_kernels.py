@@ -150,7 +150,10 @@ def sbits_levels(x, u, m64, scale, lv, zeta):
     if i >= x.shape[0]:
         return
     q = (np.float64(x[i]) - m64) * scale
-    q = min(max(q, 0.0), lv)
+    if q < 0.0:        # clip to [0, L] (no builtin min/max: numba's built-in numba.cuda cannot
+        q = 0.0        # compile them for a device)
+    if q > lv:
+        q = lv
     fl = math.floor(q)
     z = np.int64(fl)
     if np.float64(u[i]) < q - fl:
@@ -206,7 +209,9 @@ def block_scan(length, pos, totals, per):
     if a >= n:
         return
     s = 0
-    e = min(n, a + per)
+    e = a + per
+    if e > n:
+        e = n
     for i in range(a, e):
         pos[i] = s
         s += length[i]
@@ -235,7 +240,7 @@ def write_codes(code, length, pos, words):
         w = p >> 5
         off = p & 31
         room = 32 - off
-        take = min(room, L)
+        take = room if room < L else L
         piece = np.uint32((v >> np.uint64(L - take)) & np.uint64((1 << take) - 1))
         cuda.atomic.or_(words, w, piece << np.uint32(room - take))
         p += take
