@@ -171,7 +171,8 @@ def _resume_cfg(alg: dict, device: str, topo=None) -> dict:
 
 
 @pytest.mark.parametrize("alg,topo", [({"name": "dist_ef_blocksgdm"}, None),
-                                      ({"name": "ecd_psgd"}, {"name": "complete"})])
+                                      pytest.param({"name": "ecd_psgd"}, {"name": "complete"},
+                                                   marks=pytest.mark.slow)])
 def test_resume_on_sim_device_is_exact_and_equals_cpu(alg, topo, tmp_path):
     from resume_util import assert_same_run, check_stop_resume
 
@@ -187,6 +188,7 @@ def test_resume_on_sim_device_is_exact_and_equals_cpu(alg, topo, tmp_path):
 
 
 @pytest.mark.mpi
+@pytest.mark.slow      # (make test-all) the staged path's MPI side is the CPU path's Comm
 def test_sim_device_under_mpiexec_equals_cpu_in_process(both_devices, tmp_path):
     """The staged path over real MPI (``mpiexec -n 2``, run.device sim): the same parameters and
     bits as the CPU run in-process (at M = 2 the backends agree bit for bit), for one algorithm
