@@ -102,8 +102,14 @@ PS_BUCKETS = (("signsgd_mv_buckets", {"name": "signsgd_mv"}, "rank0"),
               ("dist_ef_blocksgdm_buckets", {"name": "dist_ef_blocksgdm"}, "rank0"))
 
 
+M4_DEFAULT = ("d_psgd", "dcd_psgd", "ecd_psgd", "dqpr_sgd", "d_pasgd", "easgd", "hierarchical",
+              "d_psgd_one_peer", "dcd_psgd_matcha", "psgd_buckets", "sgdm", "signum_mv_buckets",
+              "qsgd_rs")
+
+
 def test_alg_configs_cover_every_algorithm():
     names = {c["algorithm"]["name"] for c in alg_configs(4).values()}
+    assert set(M4_DEFAULT) <= set(alg_configs(4))
     assert names | {"ef_sgd"} == set(ALGORITHMS.names())
 
 
@@ -143,8 +149,13 @@ def test_inprocess_run_never_imports_mpi(tmp_path):
 @pytest.mark.mpi
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("M", [2, 4, pytest.param(8, marks=pytest.mark.slow)])   # 8 ranks on 2 cores: 45 s
-def test_inprocess_equals_mpi(M, tmp_path):
+def test_inprocess_equals_mpi(M, tmp_path, request):
     cfgs = alg_configs(M)
+    if M == 4 and request.config.getoption("-m") != "":
+        # the default run (make test): at M = 4 only what M = 2 cannot show -- ring neighbourhoods,
+        # a dedicated server beside 3 workers, groups of 2, time-varying peers, and float
+        # all-reduces whose summation order MPI picks; every config under make test-all (-m "")
+        cfgs = {k: v for k, v in cfgs.items() if k in M4_DEFAULT}
     (tmp_path / "ip").mkdir()
     (tmp_path / "mpi").mkdir()
     ip = run_many(M, cfgs, tmp_path / "ip")
