@@ -352,18 +352,18 @@ class Comm(TransportBase):
 
     def local_size(self) -> int:
         """How many ranks of this group share this rank's node (``COMM_TYPE_SHARED``)."""
-        node = self.mpi.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        try:
-            return node.Get_size()
-        finally:
-            node.Free()
+        return self._node()[1]
 
     def local_rank(self) -> int:
         """This rank's index among the ranks of this group on its node (``COMM_TYPE_SHARED``,
         ordered by rank): the GPU it binds to under ``run.device: cuda``."""
+        return self._node()[0]
+
+    def _node(self) -> tuple[int, int]:
+        """(rank, size) in this group's node-local sub-group (split, read, freed)."""
         node = self.mpi.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         try:
-            return node.Get_rank()
+            return node.Get_rank(), node.Get_size()
         finally:
             node.Free()
 

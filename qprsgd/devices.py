@@ -120,8 +120,7 @@ class SimArray(NDArrayOperatorsMixin):
         return len(self._a)
 
     def __iter__(self):
-        return (SimArray(np.asarray(v)) if not isinstance(v, np.ndarray) else SimArray(v)
-                for v in self._a)
+        return (self[i] for i in range(len(self._a)))
 
     def __getitem__(self, key):
         r = self._a[_unwrap(key, "indexing")]
@@ -178,9 +177,6 @@ class _SimModule:
             return SimArray(np.array(a._a, dtype=dtype, copy=True))
         return SimArray(np.array(a, dtype=dtype, copy=True))
 
-    def get_array_module(self, *a):
-        return self
-
     def __getattr__(self, name):
         attr = getattr(np, name)
         if isinstance(attr, type) or not callable(attr):
@@ -228,12 +224,6 @@ def to_host(a: Any, out: Optional[np.ndarray] = None) -> np.ndarray:
     if isinstance(a, SimArray):
         return a.get(out)
     return a.get(out=out) if out is not None else a.get()
-
-
-def host_copy(a: Any) -> np.ndarray:
-    """A host array that owns its data (checkpoints, logs): a copy for numpy arrays too."""
-    h = to_host(a)
-    return h.copy() if h is a else h
 
 
 def to_device(h: np.ndarray, like: Any, out: Any = None):

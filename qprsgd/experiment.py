@@ -31,8 +31,9 @@ import torch
 from . import __version__
 from .algorithms.base import Algorithm, Env
 from .buckets import cap_bytes, plan as bucket_plan
+from .codecs.base import Payload
 from .config import Config
-from .devices import array_module, gpu_for_rank, to_device, to_host
+from .devices import SimArray, Stager, check_device, gpu_for_rank, to_device, to_host
 from .registry import ALGORITHMS, CODECS, DATASETS, MODELS, TOPOLOGIES
 from .transport import Ledger, Staged
 
@@ -92,12 +93,10 @@ class Placement:
                 forward pass x goes up, after backward the whole gradient comes down (2 × 4d
                 bytes per step, counted as copies).  The path before issue 19, kept to measure
                 the device path against (scripts/bench_step.py).
-    ``xp`` is the array module of x; ``device_name`` is what the HDF5 attributes record.
+    ``device_name`` is what the HDF5 attributes record.
     """
 
     def __init__(self, flat, kind: str, ledger: Optional[Ledger] = None):
-        from .devices import SimArray, check_device
-
         self.flat = flat
         self.kind = check_device(kind)
         self.ledger = ledger if ledger is not None else Ledger()
@@ -117,7 +116,6 @@ class Placement:
             x, g = flat.x_numpy(), flat.grad_numpy()
             self.x, self.g = (SimArray(x), SimArray(g)) if kind == "sim" else (x, g)
             self.device_name = "sim (cpu)" if kind == "sim" else "cpu"
-        self.xp = array_module(self.x)
 
     @property
     def on_device(self) -> bool:
@@ -162,20 +160,13 @@ class SimCodec:
 
     @staticmethod
     def _mem(a):
-        from .devices import SimArray
-
         return a._a if isinstance(a, SimArray) else a
 
     def encode(self, x, rng=None):
-        from .codecs.base import Payload
-        from .devices import SimArray
-
         p = self._codec.encode(self._mem(x), rng)
         return Payload(SimArray(np.asarray(p.data)), p.nbits)
 
     def decode(self, data, out=None):
-        from .devices import SimArray
-
         r = self._codec.decode(self._mem(data), out=None if out is None else self._mem(out))
         return out if out is not None else SimArray(r)
 
@@ -396,8 +387,6 @@ def build(cfg: Config, comm, out_dir: str, data=None, topology=None, backend: st
     # float all-reduces directly); every group the algorithm sees is wrapped the same way
     gpu_mpi = "host"          # cpu, cuda_host: the algorithm's vectors are host arrays
     if placement.on_device:
-        from .devices import Stager
-
         direct = kind == "cuda" and (cfg.run.gpu_mpi == "cuda_aware" or
                                      (cfg.run.gpu_mpi == "auto" and comm.cuda_aware()))
         gpu_mpi = "cuda_aware" if direct else "staged"

@@ -477,12 +477,19 @@ class Staged:
         return getattr(self.inner, name)
 
     # -- float buffers ---------------------------------------------------------------------
-    def _float_op(self, buf, op):
+    def _as_is(self, buf) -> bool:
+        """Hand ``buf`` to the inner transport as it is: a host array, or a device array with
+        ``direct_floats`` (then after the device's stream has finished writing it)."""
         from .devices import is_device
 
-        if not is_device(buf) or self.direct_floats:
-            if self.direct_floats and is_device(buf):
-                self.stage.sync()
+        if not is_device(buf):
+            return True
+        if self.direct_floats:
+            self.stage.sync()
+        return self.direct_floats
+
+    def _float_op(self, buf, op):
+        if self._as_is(buf):
             return op(buf)
         h = self.stage.down(buf)
         op(h)
@@ -496,11 +503,7 @@ class Staged:
         return self._float_op(buf, lambda b: self.inner.allreduce_sum_int(b, channel))
 
     def iallreduce_sum(self, buf, channel: str = "allreduce") -> Request:
-        from .devices import is_device
-
-        if not is_device(buf) or self.direct_floats:
-            if self.direct_floats and is_device(buf):
-                self.stage.sync()
+        if self._as_is(buf):
             return self.inner.iallreduce_sum(buf, channel)
         h = self.stage.down(buf)
         r = self.inner.iallreduce_sum(h, channel)
@@ -518,10 +521,7 @@ class Staged:
     def _down(self, data):
         return self.stage.down(data) if data is not None else None
 
-    def _up(self, h, like=None):
-        return self.stage.up(h)
-
-    def _up_dict(self, got: Optional[dict], like=None):
+    def _up_dict(self, got: Optional[dict]):
         return None if got is None else {j: self.stage.up(p) for j, p in got.items()}
 
     def alltoall_bytes(self, sends: Sequence, channel: str = "alltoall") -> list:
@@ -529,51 +529,48 @@ class Staged:
         r = self.inner.rank
         hs = [_EMPTY if j == r else self._down(s) for j, s in enumerate(sends)]
         got = self.inner.alltoall_bytes(hs, channel)
-        return [sends[j].copy() if j == r else self._up(p) for j, p in enumerate(got)]
+        return [sends[j].copy() if j == r else self.stage.up(p) for j, p in enumerate(got)]
 
     def allgather_bytes(self, data, channel: str = "allgather") -> list:
-        return [self._up(p, data) for p in self.inner.allgather_bytes(self._down(data), channel)]
+        return [self.stage.up(p) for p in self.inner.allgather_bytes(self._down(data), channel)]
 
     def iallgather_bytes(self, data, channel: str = "allgather") -> Request:
         r = self.inner.iallgather_bytes(self._down(data), channel)
-        return Request(lambda: [self._up(p, data) for p in r.wait()])
+        return Request(lambda: [self.stage.up(p) for p in r.wait()])
 
     def ineighbor_exchange(self, data, neighbors: Sequence[int], channel: str = "peer") -> Request:
         r = self.inner.ineighbor_exchange(self._down(data), neighbors, channel)
-        return Request(lambda: self._up_dict(r.wait(), data))
+        return Request(lambda: self._up_dict(r.wait()))
 
     def neighbor_exchange(self, data, neighbors: Sequence[int], channel: str = "peer") -> dict:
         return self.ineighbor_exchange(data, neighbors, channel).wait()
 
     def isparse_exchange(self, sends: Mapping[int, Any], sources: Sequence[int], channel: str = "peer") -> Request:
-        like = next(iter(sends.values()), None)
         r = self.inner.isparse_exchange({j: self._down(d) for j, d in sends.items()}, sources, channel)
-        return Request(lambda: self._up_dict(r.wait(), like))
+        return Request(lambda: self._up_dict(r.wait()))
 
     def isendrecv_bytes(self, sends: Mapping[int, Any], recvs: Mapping[int, int],
                         channel: Union[str, Mapping[int, str]] = "peer") -> Request:
-        like = next(iter(sends.values()), None)
         r = self.inner.isendrecv_bytes({j: self._down(d) for j, d in sends.items()}, recvs, channel)
-        return Request(lambda: self._up_dict(r.wait(), like))
+        return Request(lambda: self._up_dict(r.wait()))
 
     def gather_bytes(self, data, root: int, sources: Optional[Sequence[int]] = None,
                      channel: str = "up") -> Optional[dict]:
         if self.inner.rank != root:
             return self._up_dict(self.inner.gather_bytes(self._down(data), root, sources, channel))
         got = self.inner.gather_bytes(_EMPTY, root, sources, channel)   # the root's own stays here
-        return {j: (data.copy() if j == root else self._up(p)) for j, p in got.items()}
+        return {j: (data.copy() if j == root else self.stage.up(p)) for j, p in got.items()}
 
     def scatter_bytes(self, payloads: Optional[dict], root: int, dests: Optional[Sequence[int]] = None,
                       channel: str = "down"):
-        like = None if payloads is None else next(iter(payloads.values()), None)
         got = self.inner.scatter_bytes(None if payloads is None else
                                        {j: self._down(p) for j, p in payloads.items()}, root, dests, channel)
-        return None if got is None else self._up(got, like)
+        return None if got is None else self.stage.up(got)
 
     def broadcast_bytes(self, data, root: int, dests: Optional[Sequence[int]] = None,
                         channel: str = "down"):
         got = self.inner.broadcast_bytes(self._down(data), root, dests, channel)
-        return None if got is None else self._up(got, data)
+        return None if got is None else self.stage.up(got)
 
     def split(self, color: int, key: Optional[int] = None):
         sub = self.inner.split(color, key)

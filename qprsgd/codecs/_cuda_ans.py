@@ -62,7 +62,8 @@ def ans_symbols(x, u, mode, c, s32, Ecap, syms, zeta, hist, zmax):
                 r = a * c
             else:
                 r = (a / c) * s32
-            r = min(r, s32)
+            if r > s32:        # (no builtin min/max in kernels: see _cuda_kernels)
+                r = s32
             lv = np.int64(r)
             fr = r - np.float32(lv)
             z = np.uint32(lv)
@@ -80,7 +81,8 @@ def ans_symbols(x, u, mode, c, s32, Ecap, syms, zeta, hist, zmax):
         syms[i] = s
         zeta[i] = z
         cuda.atomic.add(sh, s, 1)
-        zm = max(zm, z)
+        if z > zm:
+            zm = z
         i += cuda.gridsize(1)
     cuda.atomic.max(smax, 0, zm)
     cuda.syncthreads()
@@ -102,7 +104,10 @@ def esc_count(syms, lim, per, cnt):
     if a >= n:
         return
     m = 0
-    for i in range(a, min(n, a + per)):
+    e = a + per
+    if e > n:
+        e = n
+    for i in range(a, e):
         if syms[i] >= lim:
             m += 1
     cnt[b] = m
@@ -117,7 +122,10 @@ def esc_write(syms, zeta, lim, Ecap, per, offs, ev):
     if a >= n:
         return
     o = offs[b]
-    for i in range(a, min(n, a + per)):
+    e = a + per
+    if e > n:
+        e = n
+    for i in range(a, e):
         if syms[i] >= lim:
             ev[o] = zeta[i] - np.uint32(Ecap)
             o += 1
