@@ -149,7 +149,33 @@ def test_fit_alpha_beta_recovers_parameters():
 
 
 # -- calibration on this machine ----------------------------------------------------------------
+def _calibration_cfg(hidden, alg, max_train):
+    return {"seed": 1, "run": {"progress": False},
+            "train": {"epochs": 1, "batch_size": 16, "lr": 0.05, "eval_every": 1000, "log_every": 1,
+                      "bucket_mb": 0},     # one all-reduce per step (the bookkeeping below)
+            "model": {"name": "mlp", "hidden": hidden},
+            "data": {"name": "digits", "params": {"max_train": max_train, "max_test": 50}},
+            "algorithm": alg}
+
+
 @pytest.mark.mpi
+def test_row_terms_bookkeeping_of_real_runs(tmp_path):
+    """The (L, N) a real 2-rank run logs are exactly its calls: 10 steps, PSGD 10 all-reduces,
+    PR-SGD (K = 4) 2, of the same d, so N(PR-SGD) / N(PSGD) = 2/10.  No timing is asserted here
+    (that is the calibration below, under make test-all)."""
+    from conftest import run_many
+    from qprsgd.logger import read
+
+    cfgs = {"big": _calibration_cfg([64], {"name": "psgd"}, 320),
+            "pr4": _calibration_cfg([64], {"name": "pr_sgd", "K": 4}, 320)}
+    h5 = run_many(2, cfgs, tmp_path)
+    big, pr4 = (nw.row_terms(read(str(h5[k]))) for k in ("big", "pr4"))
+    assert np.sum(big.L) == pytest.approx(2 * 10) and np.sum(pr4.L) == pytest.approx(2 * 2)
+    assert np.sum(pr4.N) / np.sum(big.N) == pytest.approx(2 / 10)
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
 def test_retime_reproduces_measured_comm(tmp_path):
     """Re-timing runs under the network they ran on reproduces their measured comm time.
 
@@ -158,23 +184,22 @@ def test_retime_reproduces_measured_comm(tmp_path):
     on three 2-rank runs: PSGD at two model sizes and PR-SGD (K = 4).  Measured comm is
     ``t_comm_min``, the comm time of the rank that waited least for the other (the max over
     ranks is mostly waiting: 2 ranks on 2 shared, busy cores); one row per step, so a row's
-    minimum is one call's transfer, not a mix of calls with and without waiting.  Stated tolerance: the modelled
-    comm time of each run is within a factor 2 of the measured one.  The strong check is tests/test_netem.py (a shaped link).  The
-    bookkeeping is checked exactly: PR-SGD's modelled comm is 1/4 of PSGD's at the same d.
+    minimum is one call's transfer, not a mix of calls with and without waiting.  Stated
+    tolerance: the modelled comm time of each run is within a factor 2 of the measured one.
+
+    A timing check, so under make test-all only: on CI's 2 shared cores one PR-SGD run of
+    10 steps held 2 transfers, and one slow transfer moved the ratio past 2 (stop 22).  The
+    runs here are 40 steps (PR-SGD: 10 transfers).  The strong check is tests/test_netem.py (a
+    shaped link); the exact bookkeeping is the test above, in make test.
     """
     from conftest import run_many
     from qprsgd.logger import read
 
-    def cfg(hidden, alg):
-        return {"seed": 1, "run": {"progress": False},
-                "train": {"epochs": 1, "batch_size": 16, "lr": 0.05, "eval_every": 1000, "log_every": 1,
-                          "bucket_mb": 0},     # one all-reduce per step (the bookkeeping below)
-                "model": {"name": "mlp", "hidden": hidden},
-                "data": {"name": "digits", "params": {"max_train": 320, "max_test": 50}}, "algorithm": alg}
     # messages of 4.6 MB (big, pr4) and 0.3 MB (small): large enough that transfer, not timer
     # noise, sets the measured time
-    cfgs = {"big": cfg([1024, 1024], {"name": "psgd"}), "small": cfg([256], {"name": "psgd"}),
-            "pr4": cfg([1024, 1024], {"name": "pr_sgd", "K": 4})}
+    cfgs = {"big": _calibration_cfg([1024, 1024], {"name": "psgd"}, 1280),
+            "small": _calibration_cfg([256], {"name": "psgd"}, 1280),
+            "pr4": _calibration_cfg([1024, 1024], {"name": "pr_sgd", "K": 4}, 1280)}
     h5 = run_many(2, cfgs, tmp_path)
     terms = {k: nw.row_terms(read(str(v))) for k, v in h5.items()}
     names = list(cfgs)
@@ -187,7 +212,5 @@ def test_retime_reproduces_measured_comm(tmp_path):
         modelled = float(np.sum(terms[k].comm(machine)[1:]))
         measured = float(np.sum(terms[k].t_comm_min[1:]))
         assert 0.5 <= modelled / measured <= 2.0, (k, a, b, modelled, measured)
-    # exact bookkeeping: 10 steps, PSGD 10 allreduces, PR-SGD (K = 4) 2 -- same d
     big, pr4 = terms["big"], terms["pr4"]
-    assert np.sum(big.L) == pytest.approx(2 * 10) and np.sum(pr4.L) == pytest.approx(2 * 2)
-    assert np.sum(pr4.N) / np.sum(big.N) == pytest.approx(2 / 10)
+    assert np.sum(pr4.N) / np.sum(big.N) == pytest.approx(10 / 40)
