@@ -16,9 +16,13 @@ transport operations in the same sequence whatever order autograd ran the hooks 
 step, or hooks disabled): each bucket reaches the callback exactly once per pass.
 
 Decisions: a cap of 0 means one bucket delivered by :meth:`end` (today's contract: the whole
-gradient after backward).  With the model on a GPU the hooks are not used (backward runs on
-autograd's device thread, and the algorithm works on a host copy made after backward): every
-bucket is delivered by :meth:`end`, after the copy -- same buckets, no overlap.
+gradient after backward).  Hooks off (``hooks=False``): every bucket is delivered by
+:meth:`end` -- same buckets, no overlap; the experiment decides (``experiment.bucket_hooks``):
+off for ``run.device: cuda_host`` (the algorithm's gradient is a host copy made after
+backward) and for ``cuda`` under an MPI library that only its main thread may call.  On a GPU
+autograd runs the hooks on its device thread while the main thread waits in ``backward()``:
+the counting here is never entered by two threads at once, and the loop makes each bucket's
+values final (a device wait) before the algorithm sees it.
 """
 from __future__ import annotations
 
@@ -61,8 +65,8 @@ def plan(blocks: Sequence[int], cap_bytes: int, itemsize: int = 4) -> list[tuple
 
 class GradBuckets:
     """Hooks on ``params`` (torch parameters, ``blocks`` their sizes, same order) that deliver
-    the buckets of :func:`plan` during backward.  ``hooks=False``: no hooks (GPU): every bucket
-    is delivered by :meth:`end`.  ``poke``: called at every hook (e.g. ``Transport.progress``, so
+    the buckets of :func:`plan` during backward.  ``hooks=False``: no hooks: every bucket is
+    delivered by :meth:`end`.  ``poke``: called at every hook (e.g. ``Transport.progress``, so
     that the reductions already posted advance while backward computes)."""
 
     def __init__(self, params: Sequence, blocks: Sequence[int], cap_bytes: int, hooks: bool = True,

@@ -139,6 +139,15 @@ class Placement:
             self.g[...] = self.flat.grad.detach().cpu().numpy()
             self.ledger.add_copy(self.g.nbytes, time.perf_counter() - t, down=True)
 
+    def bucket_ready(self) -> None:
+        """Called by a gradient-bucket hook before the bucket is handed to the algorithm (cuda:
+        the hook runs on autograd's device thread as soon as the accumulation into the flat
+        gradient is *queued*; waiting for the device makes the bucket's values final before a
+        codec kernel on another stream, a host copy or a CUDA-aware MPI reads them).  The wait
+        is the rest of backward's queued kernels, so the loop counts it as compute."""
+        if self.kind == "cuda":
+            torch.cuda.synchronize(self.flat.flat.device)
+
     def host_x(self) -> np.ndarray:
         """x on the host: the buffer itself on the CPU, a copy from a device (logs, checkpoints)."""
         return to_host(self.x)
@@ -280,6 +289,7 @@ class Experiment:
     placement: Placement
     backend: str = "mpi"
     gpu_mpi: str = "host"    # how device vectors reach the transport: host (cpu), staged, cuda_aware
+    bucket_hooks: bool = True  # gradient buckets handed over during backward (bucket_hooks())
 
     @property
     def ledger(self) -> Ledger:
@@ -312,6 +322,24 @@ def schedule_lengths(train, n_train: int, M: int) -> tuple[int, int]:
     set, ``n_train // (M × batch_size)`` steps; each worker cycles its own shard."""
     spe = max(1, n_train // (M * train.batch_size))
     return spe, max(1, int(round(train.epochs * spe)))
+
+
+def bucket_hooks(kind: str, threads_may_call: bool) -> bool:
+    """Are the gradient buckets (train.bucket_mb) handed to the algorithm during backward, from
+    torch's post-accumulate-grad hooks (qprsgd/buckets.py), or all after backward?
+
+    cpu, sim: during backward (autograd runs the hooks on the calling thread).  cuda: during
+    backward when the MPI library lets another thread call it (``threads_may_call``: autograd
+    runs a GPU's hooks on its device thread, while the main thread waits in ``backward()``, so
+    the calls never overlap; ``MPI_THREAD_SERIALIZED`` suffices), each bucket after a device
+    wait (:meth:`Placement.bucket_ready`); otherwise after backward.  cuda_host: after backward
+    (the algorithm's gradient is the host copy made then -- the baseline without overlap).
+    The choice is the run's HDF5 attribute ``bucket_hooks``; it never changes the iterates."""
+    if kind in ("cpu", "sim"):
+        return True
+    if kind == "cuda":
+        return bool(threads_may_call)
+    return False
 
 
 def load_data(cfg: Config):
@@ -418,7 +446,7 @@ def build(cfg: Config, comm, out_dir: str, data=None, topology=None, backend: st
     algo = cls(placement.x, env, **cfg.algorithm.kwargs())
     return Experiment(cfg, comm, roles, module, flat, data, train_idx, test_idx, stream, codec, algo,
                       topo, steps_per_epoch, total_steps, out_dir, loss_name, placement, backend,
-                      gpu_mpi)
+                      gpu_mpi, bucket_hooks(kind, comm.threads_may_call()))
 
 
 def run_attrs(cfg: Config, exp: Experiment) -> dict:
@@ -431,6 +459,7 @@ def run_attrs(cfg: Config, exp: Experiment) -> dict:
         "device": exp.cfg.run.device,
         "device_name": exp.placement.device_name,
         "gpu_mpi": exp.gpu_mpi,
+        "bucket_hooks": int(exp.bucket_hooks),
         "workers": np.asarray(exp.roles.workers, dtype=np.int64),
         "server": -1 if exp.roles.server is None else exp.roles.server,
         "algorithm": cfg.algorithm.name,

@@ -57,7 +57,7 @@ class Loop:
             for p in pokes:
                 p()
         self.buckets = GradBuckets(exp.flat.params, exp.flat.blocks, cap_bytes(exp.cfg.train.bucket_mb),
-                                   hooks=exp.placement.kind in ("cpu", "sim"), poke=poke)
+                                   hooks=exp.bucket_hooks, poke=poke)
         if env.buckets and [(lo, hi) for lo, hi, _ in self.buckets.ranges] != list(env.buckets):
             raise RuntimeError("the loop's gradient buckets differ from env.buckets (experiment.build)")
 
@@ -109,7 +109,12 @@ class Loop:
             loss = lossf(out, yb)
             gbuf = e.placement.g        # the flat gradient, on the model's device
             if on_bucket is not None:
-                self.buckets.begin(lambda lo, hi: on_bucket(gbuf, lo, hi))
+                ready = e.placement.bucket_ready
+
+                def deliver(lo, hi):
+                    ready()             # (GPU) the bucket's accumulation has run
+                    on_bucket(gbuf, lo, hi)
+                self.buckets.begin(deliver)
             try:
                 loss.backward()
             except BaseException:
