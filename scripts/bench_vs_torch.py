@@ -50,8 +50,18 @@ machine hit both sides.  The table gives the medians over repetitions and
 with the range of the per-repetition paired ratios next to it (a wide range means the machine
 was noisy, not that one side is), qprsgd's per-step compute / comm / codec split (medians; each
 a max over ranks, so they need not add up to the step), and the share of qprsgd's comm + codec
-time hidden behind backward where the log carries the in-flight time (``n/a`` otherwise:
-``t_comm`` counts only the seconds a rank waited).  The last line names the worst ratio.
+time hidden behind backward ("hidden").  That share is measured, not estimated: each repetition
+also runs qprsgd with ``train.bucket_mb = 0`` (one bucket, handed over after backward: nothing
+can hide) -- the third run of the interleaved group -- and
+
+    hidden = 1 − (t_comm_min + t_codec)[buckets] / (t_comm_min + t_codec)[one bucket]
+
+per step (medians over rows; ``t_comm_min`` is the exposed comm time of the rank that waited
+least, i.e. the transfer rather than waiting for a slower peer), median over repetitions.  "—"
+where the bucketed run handed MPI no more messages than the one-bucket run: the algorithm does
+not take buckets (pr_sgd communicates after its K-th local step; qsgd only with
+``per_bucket: true``), so there is nothing to hide.  ``--no-hidden`` skips the extra runs.  The
+last line names the worst ratio.
 """
 from __future__ import annotations
 
@@ -84,9 +94,6 @@ ALGS = {
     "pr_sgd": ({"name": "pr_sgd", "K": K_LOCAL}, f"local SGD + PeriodicModelAverager({K_LOCAL})"),
     "qsgd": ({"name": "qsgd"}, "DDP + PowerSGD hook (rank 1)"),
 }
-# log columns that would give the communication time spent in flight behind computation
-# (none exists in schema version 1; checked so that a later log column is picked up)
-_INFLIGHT_COLUMNS = ("t_comm_total", "t_comm_inflight", "t_comm_hidden", "t_overlap")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -179,16 +186,19 @@ def run_qprsgd(raw: dict, ranks: int, tmp: str, tag: str, poll_sleep=None) -> di
         raise RuntimeError(f"{tag}: no measured rows (steps too few for log_every)")
     res = {f"{k}_{stat}": per_step(m[k][rows], m["steps"][rows], stat)
            for k in ("t_step", "t_compute", "t_comm", "t_codec") for stat in ("mean", "median")}
+    res["exposed_median"] = per_step(m["t_comm_min"][rows] + m["t_codec"][rows], m["steps"][rows], "median")
+    res["messages"] = int(m["messages"][-1])
     res["steps"] = int(n)
     res["loss"] = float((m["train_loss"][rows] * m["steps"][rows]).sum()) / n
-    res["hidden"] = None
-    for c in _INFLIGHT_COLUMNS:
-        if c in m:
-            total = float(m[c][rows].sum() + m["t_codec"][rows].sum())
-            exposed = float(m["t_comm"][rows].sum() + m["t_codec"][rows].sum())
-            res["hidden"] = max(0.0, 1.0 - exposed / total) if total > 0 else None
-            break
     return res
+
+
+def hidden_share(bucketed: dict, one: dict):
+    """1 − exposed(buckets) / exposed(one bucket) of one repetition; None where the bucketed run
+    sent no more messages (the algorithm took no buckets) or nothing was exposed."""
+    if bucketed["messages"] <= one["messages"] or one["exposed_median"] <= 0:
+        return None
+    return 1.0 - bucketed["exposed_median"] / one["exposed_median"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -298,6 +308,10 @@ def torch_worker(spec_path: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+def _pct(v) -> str:
+    return "—" if v is None else f"{100 * v:.0f} %"
+
+
 def _ms(v) -> str:
     return "n/a" if v is None else f"{1e3 * v:.3f}" if v < 0.1 else f"{1e3 * v:.1f}"
 
@@ -322,6 +336,8 @@ def main() -> int:
     ap.add_argument("--stat", choices=("median", "mean"), default="median",
                     help="per-step time of one run: median over its log rows (default; robust to a "
                          "descheduled rank) or Σ time / Σ steps")
+    ap.add_argument("--no-hidden", action="store_true",
+                    help="skip the one-bucket qprsgd runs that measure the hidden share")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2 ranks, fewer steps, 1 repetition")
     ap.add_argument("--torch-worker", metavar="SPEC", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -378,9 +394,10 @@ def main() -> int:
             from digits_as_cifar import write
             write(data_dir)
         combos = [(m, p, x) for m in models for p in ranks for x in algs]
-        configs = {}
+        configs, one_bucket = {}, {}
         for m, p, x in combos:
             configs[m, p, x] = qprsgd_config(m, x, p, steps_for(m), data_dir, a.threads, bucket_mb)
+            one_bucket[m, p, x] = qprsgd_config(m, x, p, steps_for(m), data_dir, a.threads, 0.0)
         for rep in range(a.reps):
             for m, p, x in combos:
                 key = (m, p, x)
@@ -392,6 +409,9 @@ def main() -> int:
                 tag = f"{m}-{p}-{x}-r{rep}"
                 sides = [("qprsgd", lambda: run_qprsgd(raw, p, tmp, f"{tag}-q", a.poll_sleep)),
                          ("torch", lambda: run_torch(spec, p, tmp, f"{tag}-t"))]
+                if not a.no_hidden:
+                    sides.append(("one_bucket", lambda: run_qprsgd(one_bucket[key], p, tmp, f"{tag}-q1",
+                                                                   a.poll_sleep)))
                 if rep % 2:
                     sides.reverse()
                 got = {}
@@ -404,9 +424,11 @@ def main() -> int:
                     continue
                 results.setdefault(key, []).append(got)
                 q, t = got["qprsgd"][f"t_step_{st}"], got["torch"][f"t_step_{st}"]
+                got["hidden"] = hidden_share(got["qprsgd"], got["one_bucket"]) if "one_bucket" in got else None
                 print(f"  rep {rep} {m:8s} P={p} {x:6s} ({'/'.join(n for n, _ in sides)}): qprsgd "
                       f"{_ms(q)} ms  torch {_ms(t)} ms  ratio {q / t:.2f}  "
                       f"loss {got['qprsgd']['loss']:.4f}/{got['torch']['loss']:.4f}  "
+                      f"hidden {_pct(got['hidden'])}  "
                       f"[{time.time() - t_start:.0f} s, load {os.getloadavg()[0]:.2f}]", flush=True)
 
     print()
@@ -429,8 +451,9 @@ def main() -> int:
         paired = [r["qprsgd"][f"t_step_{st}"] / r["torch"][f"t_step_{st}"] for r in reps]
         of_means = (statistics.median(r["qprsgd"]["t_step_mean"] for r in reps)
                     / statistics.median(r["torch"]["t_step_mean"] for r in reps))
-        hid = [r["qprsgd"]["hidden"] for r in reps if r["qprsgd"]["hidden"] is not None]
-        hidden = f"{100 * statistics.median(hid):.0f} %" if hid else "n/a"
+        hid = [r["hidden"] for r in reps if r["hidden"] is not None]
+        hidden = (f"{100 * statistics.median(hid):.0f} %" if hid else
+                  "n/a" if a.no_hidden else "—")
         print(f"{m:8s} {p:2d} {x:6s} {ALGS[x][1]:34s} {_ms(med['t_step']):>9s} {_ms(t_med):>9s} {ratio:6.2f} "
               f"{min(paired):5.2f}-{max(paired):<6.2f} {of_means:8.2f} {_ms(med['t_compute']):>9s} {_ms(med['t_comm']):>7s} "
               f"{_ms(med['t_codec']):>7s} {hidden:>6s}")
