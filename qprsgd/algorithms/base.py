@@ -183,8 +183,11 @@ class Algorithm:
 
     # weight decay folded into the gradient (algorithms that treat it otherwise override)
     def _wd(self, g: np.ndarray) -> np.ndarray:
-        if self.env.weight_decay:
-            g = g + self.env.weight_decay * self.x
+        """g + λx (weight decay folded into the gradient), **in place on g**, which is returned:
+        g is the oracle's scratch (the flat gradient buffer), as every caller passes ``grad()``
+        straight in.  The float32 result of ``g + λ*x``, without its two d-vector temporaries
+        (issue 16; tests/test_buckets.py measures the step's allocations)."""
+        self._wd_into(g, 0, self.env.d)
         return g
 
     def _wd_into(self, g: np.ndarray, lo: int, hi: int) -> None:
