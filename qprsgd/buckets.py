@@ -19,10 +19,12 @@ Decisions: a cap of 0 means one bucket delivered by :meth:`end` (today's contrac
 gradient after backward).  Hooks off (``hooks=False``): every bucket is delivered by
 :meth:`end` -- same buckets, no overlap; the experiment decides (``experiment.bucket_hooks``):
 off for ``run.device: cuda_host`` (the algorithm's gradient is a host copy made after
-backward) and for ``cuda`` under an MPI library that only its main thread may call.  On a GPU
-autograd runs the hooks on its device thread while the main thread waits in ``backward()``:
-the counting here is never entered by two threads at once, and the loop makes each bucket's
-values final (a device wait) before the algorithm sees it.
+backward).  On a GPU the loop runs backward on its own thread
+(``torch.autograd.set_multithreading_enabled(False)``; autograd would otherwise run the hooks
+on its device thread), so the hooks and the MPI calls they make stay on the main thread, and it
+makes each bucket's values final (a device wait) before the algorithm sees it.
+:attr:`GradBuckets.in_backward` says whether a delivery comes from a hook; :attr:`GradBuckets.hooked`
+counts those deliveries (tests check that overlap happened, not just that buckets were used).
 """
 from __future__ import annotations
 
@@ -81,6 +83,8 @@ class GradBuckets:
         self._sizes = [len(m) for _, _, m in self.ranges]
         self._poke = poke
         self._cb: Optional[BucketFn] = None
+        self.in_backward = False     # True while a hook (not end()) is delivering
+        self.hooked = 0              # buckets delivered from hooks, since construction
         self._handles = []
         if hooks and len(self.ranges) > 1:
             for i, p in enumerate(params):
@@ -96,16 +100,24 @@ class GradBuckets:
             b = self._owner[i]
             self._left[b] -= 1
             if self._left[b] == 0:
-                self._drain()
+                self.in_backward = True
+                try:
+                    self.hooked += self._drain()
+                finally:
+                    self.in_backward = False
             if self._poke is not None:
                 self._poke()
         return hook
 
-    def _drain(self) -> None:
+    def _drain(self) -> int:
+        """Deliver the buckets that are complete and next in order; how many."""
+        n = 0
         while self._next < len(self.ranges) and self._left[self._next] <= 0:
             lo, hi, _ = self.ranges[self._next]
             self._next += 1
+            n += 1
             self._cb(lo, hi)
+        return n
 
     def begin(self, on_bucket: BucketFn) -> None:
         """Start a backward pass whose buckets go to ``on_bucket(lo, hi)``."""

@@ -487,7 +487,9 @@ def _run(cfg, comm, out: str, info, data=None, topology=None, backend: str = "mp
     params = loop.final_params()
     if rank == 0:
         logger.write_array("final/params", params)
-        logger.set_attrs(completed=True, final_step=loop.t)
+        # how many gradient buckets rank 0 handed over from backward's hooks in this process
+        # (since the run's last start or resume): > 0 is overlap that happened, not only planned
+        logger.set_attrs(completed=True, final_step=loop.t, bucket_hook_deliveries=loop.buckets.hooked)
         logger.close()
         print(f"wrote {path}", flush=True)
     return 0

@@ -390,13 +390,6 @@ class Comm(TransportBase):
                 return bool(flag.value)
         return False
 
-    def threads_may_call(self) -> bool:
-        """May a thread other than the one that initialised MPI call it (one call at a time)?
-        True when the library provides ``MPI_THREAD_SERIALIZED`` or more (mpi4py asks for
-        ``MULTIPLE``; the MPICH wheel and Debian's Open MPI and MPICH grant it).  On a GPU the
-        gradient buckets are handed over from autograd's device thread (qprsgd/buckets.py)."""
-        return MPI.Query_thread() >= MPI.THREAD_SERIALIZED
-
     def barrier(self) -> None:
         self._wait([self.mpi.Ibarrier()], "barrier")
 

@@ -140,11 +140,11 @@ class Placement:
             self.ledger.add_copy(self.g.nbytes, time.perf_counter() - t, down=True)
 
     def bucket_ready(self) -> None:
-        """Called by a gradient-bucket hook before the bucket is handed to the algorithm (cuda:
-        the hook runs on autograd's device thread as soon as the accumulation into the flat
-        gradient is *queued*; waiting for the device makes the bucket's values final before a
-        codec kernel on another stream, a host copy or a CUDA-aware MPI reads them).  The wait
-        is the rest of backward's queued kernels, so the loop counts it as compute."""
+        """Called by a gradient-bucket hook during backward before the bucket is handed to the
+        algorithm (cuda: the hook runs as soon as the accumulation into the flat gradient is
+        *queued*; waiting for the device makes the bucket's values final before a codec kernel,
+        a host copy or a CUDA-aware MPI reads them).  The wait is the rest of backward's queued
+        kernels, so the loop counts it as compute."""
         if self.kind == "cuda":
             torch.cuda.synchronize(self.flat.flat.device)
 
@@ -256,12 +256,25 @@ def model_size(cfg: Config) -> tuple[int, tuple]:
     return flat.d, tuple(flat.blocks)
 
 
+def check_cuda_streams(environ) -> None:
+    """run.device cuda: torch and CuPy must share the legacy default stream (qprsgd orders the
+    model's kernels, the codecs' and the copies by that); CuPy's per-thread default stream
+    (``CUPY_CUDA_PER_THREAD_DEFAULT_STREAM``, off unless set) would break that, so it is refused."""
+    v = environ.get("CUPY_CUDA_PER_THREAD_DEFAULT_STREAM", "")
+    if v not in ("", "0"):
+        raise ValueError(f"run.device: 'cuda' with the environment variable "
+                         f"CUPY_CUDA_PER_THREAD_DEFAULT_STREAM={v!r}: qprsgd's device path needs "
+                         "torch and CuPy on the legacy default stream; unset it (or set it to 0)")
+
+
 def preflight(cfg: Config, world_size: int) -> None:
     """Checks that need the world size; run on rank 0 before any rank starts work."""
     roles = roles_for(cfg, world_size)
     if cfg.run.device in ("cuda", "cuda_host") and not torch.cuda.is_available():
         raise ValueError(f"run.device: {cfg.run.device!r} but torch sees no CUDA device (got torch "
                          f"{torch.__version__}); use run.device: cpu")
+    if cfg.run.device == "cuda":
+        check_cuda_streams(os.environ)
     try:
         build_topology(cfg, roles.M)
     except ValueError as e:
@@ -324,22 +337,17 @@ def schedule_lengths(train, n_train: int, M: int) -> tuple[int, int]:
     return spe, max(1, int(round(train.epochs * spe)))
 
 
-def bucket_hooks(kind: str, threads_may_call: bool) -> bool:
+def bucket_hooks(kind: str, n_buckets: int) -> bool:
     """Are the gradient buckets (train.bucket_mb) handed to the algorithm during backward, from
     torch's post-accumulate-grad hooks (qprsgd/buckets.py), or all after backward?
 
-    cpu, sim: during backward (autograd runs the hooks on the calling thread).  cuda: during
-    backward when the MPI library lets another thread call it (``threads_may_call``: autograd
-    runs a GPU's hooks on its device thread, while the main thread waits in ``backward()``, so
-    the calls never overlap; ``MPI_THREAD_SERIALIZED`` suffices), each bucket after a device
-    wait (:meth:`Placement.bucket_ready`); otherwise after backward.  cuda_host: after backward
-    (the algorithm's gradient is the host copy made then -- the baseline without overlap).
-    The choice is the run's HDF5 attribute ``bucket_hooks``; it never changes the iterates."""
-    if kind in ("cpu", "sim"):
-        return True
-    if kind == "cuda":
-        return bool(threads_may_call)
-    return False
+    During backward on cpu, sim and cuda when there is more than one bucket (cuda: each bucket
+    after a device wait, :meth:`Placement.bucket_ready`; the loop runs backward on the calling
+    thread, ``torch.autograd.set_multithreading_enabled(False)``, so the hooks -- and the MPI
+    calls they make -- stay on the main thread).  After backward on cuda_host (the algorithm's
+    gradient is the host copy made then -- the baseline without overlap).  The run's HDF5
+    attribute ``bucket_hooks``; it never changes the iterates."""
+    return kind != "cuda_host" and n_buckets > 1
 
 
 def load_data(cfg: Config):
@@ -446,7 +454,7 @@ def build(cfg: Config, comm, out_dir: str, data=None, topology=None, backend: st
     algo = cls(placement.x, env, **cfg.algorithm.kwargs())
     return Experiment(cfg, comm, roles, module, flat, data, train_idx, test_idx, stream, codec, algo,
                       topo, steps_per_epoch, total_steps, out_dir, loss_name, placement, backend,
-                      gpu_mpi, bucket_hooks(kind, comm.threads_may_call()))
+                      gpu_mpi, bucket_hooks(kind, len(env.buckets)))
 
 
 def run_attrs(cfg: Config, exp: Experiment) -> dict:

@@ -246,9 +246,6 @@ class LocalTransport(TransportBase):
     def cuda_aware(self) -> bool:
         return False       # no MPI: device vectors are always staged
 
-    def threads_may_call(self) -> bool:
-        return True        # no MPI library to ask (and run.device cuda is refused in-process)
-
     def split(self, color: int, key: Optional[int] = None) -> Optional["LocalTransport"]:
         """Collective: members with the same color >= 0 form a sub-group ordered by (key, rank);
         color < 0 returns None.  The sub-group reports into the same ledger."""

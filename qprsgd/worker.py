@@ -95,8 +95,8 @@ class Loop:
             """The stochastic gradient at the current x on this step's batch (a float32 host
             vector, the flat gradient buffer itself on the CPU).  ``on_bucket(g, lo, hi)``: called
             for each bucket of :attr:`buckets` as soon as g[lo:hi] is final (``g`` the vector
-            grad() will return) -- during backward on the CPU, in bucket order, every bucket
-            exactly once before grad() returns."""
+            grad() will return) -- during backward where ``exp.bucket_hooks`` (cpu, sim, cuda),
+            in bucket order, every bucket exactly once before grad() returns."""
             t0 = time.perf_counter()
             other0 = led.comm_seconds + led.codec_seconds + led.copy_seconds
             idx, _ = e.stream.next()
@@ -109,14 +109,18 @@ class Loop:
             loss = lossf(out, yb)
             gbuf = e.placement.g        # the flat gradient, on the model's device
             if on_bucket is not None:
-                ready = e.placement.bucket_ready
+                ready, buckets = e.placement.bucket_ready, self.buckets
 
                 def deliver(lo, hi):
-                    ready()             # (GPU) the bucket's accumulation has run
+                    if buckets.in_backward:
+                        ready()         # (GPU) the bucket's accumulation has run
                     on_bucket(gbuf, lo, hi)
                 self.buckets.begin(deliver)
             try:
-                loss.backward()
+                # backward on this thread (a GPU's otherwise runs on autograd's device thread):
+                # the bucket hooks, and the MPI calls they make, stay on the main thread
+                with torch.autograd.set_multithreading_enabled(False):
+                    loss.backward()
             except BaseException:
                 self.buckets.abort()
                 raise

@@ -62,13 +62,13 @@ def test_gpu_binding_refuses_more_ranks_than_gpus():
 
 
 def test_bucket_hooks_decision():
-    """Buckets during backward on cpu/sim always, on cuda only where MPI lets autograd's device
-    thread call it, never on cuda_host (its gradient is the host copy made after backward)."""
+    """Buckets during backward on cpu, sim and cuda when there is more than one; never on
+    cuda_host (its gradient is the host copy made after backward)."""
     from qprsgd.experiment import bucket_hooks
 
-    assert bucket_hooks("cpu", False) and bucket_hooks("sim", False)
-    assert bucket_hooks("cuda", True) and not bucket_hooks("cuda", False)
-    assert not bucket_hooks("cuda_host", True)
+    assert bucket_hooks("cpu", 2) and bucket_hooks("sim", 3) and bucket_hooks("cuda", 2)
+    assert not bucket_hooks("cpu", 1) and not bucket_hooks("cuda", 1)
+    assert not bucket_hooks("cuda_host", 5)
 
 
 def test_config_refuses_cuda_in_process_and_share_gpus_off_gpu():
@@ -158,7 +158,10 @@ def test_sim_device_equals_cpu_bit_for_bit(name, both_devices):
         np.testing.assert_array_equal(a["metrics"][k], b["metrics"][k], err_msg=f"{name}: {k}")
     assert a["attrs"]["device"] == "cpu" and b["attrs"]["device"] == "sim"
     assert a["attrs"]["gpu_mpi"] == "host" and b["attrs"]["gpu_mpi"] == "staged"
-    assert int(a["attrs"]["bucket_hooks"]) == int(b["attrs"]["bucket_hooks"]) == 1
+    bucketed = "bucket" in name          # the configs with train.bucket_mb small enough to split d
+    for r in (a, b):
+        assert int(r["attrs"]["bucket_hooks"]) == bucketed
+        assert (int(r["attrs"]["bucket_hook_deliveries"]) > 0) == bucketed   # overlap happened
     assert np.all(a["metrics"]["t_copy"] == 0) and b["metrics"]["t_copy"].sum() > 0
     assert np.all(a["metrics"]["bits_to_host"] == 0)
     if name in PAYLOAD_ONLY:   # only payload bytes left the device: exactly the bits handed to MPI
@@ -215,7 +218,16 @@ def test_sim_device_under_mpiexec_equals_cpu_in_process(both_devices, tmp_path):
     for name in cfgs:
         a, b = both_devices[name, "cpu"], read(str(h5[name]))
         assert b["attrs"]["backend"] == "mpi" and b["attrs"]["gpu_mpi"] == "staged"
-        assert int(b["attrs"]["bucket_hooks"]) == 1     # the MPICH wheel grants THREAD_MULTIPLE
+        assert int(b["attrs"]["bucket_hooks"]) == ("bucket" in name)
         np.testing.assert_array_equal(a["final"]["params"], b["final"]["params"], err_msg=name)
         for k in ("bits_sent", "bits_up", "bits_down", "messages", "payload_bits"):
             np.testing.assert_array_equal(a["metrics"][k], b["metrics"][k], err_msg=f"{name}: {k}")
+
+
+def test_cuda_refuses_cupy_per_thread_default_stream():
+    from qprsgd.experiment import check_cuda_streams
+
+    check_cuda_streams({})
+    check_cuda_streams({"CUPY_CUDA_PER_THREAD_DEFAULT_STREAM": "0"})
+    with pytest.raises(ValueError, match=r"CUPY_CUDA_PER_THREAD_DEFAULT_STREAM='1'.*legacy default stream"):
+        check_cuda_streams({"CUPY_CUDA_PER_THREAD_DEFAULT_STREAM": "1"})

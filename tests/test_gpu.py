@@ -65,11 +65,11 @@ def test_cuda_run_matches_cpu_run(alg, tmp_path):
 @needs_cuda
 @pytest.mark.parametrize("alg", [{"name": "psgd"}, {"name": "sgdm"}, {"name": "signsgd_mv"}, {"name": "dist_ef_blocksgdm"}])
 def test_cuda_buckets_during_backward_match_one_bucket(alg, tmp_path):
-    """Gradient buckets handed over from autograd's device thread (about 1 kB each: the MLP's
+    """Gradient buckets handed over during backward on the GPU (about 1 kB each: the MLP's
     gradient in 5 buckets) train the iterates of one bucket after backward, to float32 noise (the
     same arithmetic: the algorithms whose per-bucket transport is the same compressor -- psgd and
     sgdm's all-reduce, signsgd_mv's byte-aligned sign shares, blockSGDM's block_sign over whole
-    parameters), and the run says the hooks were used."""
+    parameters), and the run says the hooks delivered buckets during backward."""
     def cfg(mb):
         c = _on("cuda", alg, share_gpus=True)
         c["train"] = dict(c["train"], bucket_mb=mb)
@@ -77,7 +77,8 @@ def test_cuda_buckets_during_backward_match_one_bucket(alg, tmp_path):
     h5 = run_many(2, {"one": cfg(0), "buckets": cfg(0.001)}, tmp_path, mpi=True)
     assert rel_err(final_params(h5["buckets"]), final_params(h5["one"])) < 1e-4
     a, b = read(str(h5["one"])), read(str(h5["buckets"]))
-    assert int(b["attrs"]["bucket_hooks"]) == 1
+    assert int(b["attrs"]["bucket_hooks"]) == 1 and int(a["attrs"]["bucket_hooks"]) == 0
+    assert int(b["attrs"]["bucket_hook_deliveries"]) > 0     # handed over during backward
     assert b["metrics"]["messages"][-1] > a["metrics"]["messages"][-1]
 
 
