@@ -83,6 +83,7 @@ def test_measured_comm_matches_model_and_nothing_left(tmp_path):
     assert ours() == before
 
 
+@pytest.mark.slow   # (make test-all: make test keeps test_calibrate_ring_probe_and_nothing_left)
 def test_teardown_on_failure_and_on_signal(tmp_path):
     before = ours()
     # a run that fails inside the namespaces (unknown key: every rank exits 2)
