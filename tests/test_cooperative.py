@@ -137,7 +137,7 @@ def members(n: int, steps: int) -> dict:
 STEPS = 9
 
 
-@pytest.mark.parametrize("n", [2, 4, 8])
+@pytest.mark.parametrize("n", [2, 4, pytest.param(8, marks=pytest.mark.slow)])   # 8 under make test-all
 def test_members_equal_matrix_reference(n, tmp_path):
     mem = members(n, STEPS)
     cfgs = {k: v[0] for k, v in mem.items()}

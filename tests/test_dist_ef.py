@@ -590,8 +590,14 @@ RESUME = {
 }
 
 
+# make test resumes one algorithm of each kind of state (a server's momentum and error: signum_mv,
+# dist_ef_blocksgdm; a worker's momentum: sgdm); the others, and every SIGKILL, under make test-all
+RESUME_DEFAULT = ("dist_ef_blocksgdm", "signum_mv", "sgdm")
+
+
 @pytest.mark.parametrize("how", ["stop", pytest.param("kill", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("name", sorted(RESUME))
+@pytest.mark.parametrize("name", [n if n in RESUME_DEFAULT else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(RESUME)])
 def test_sigkill_resume_bit_identical(name, how, tmp_path):
     """Exact resume: stopped in-process (default run) or SIGKILLed (make test-all)."""
     from resume_util import check_kill_resume, check_stop_resume

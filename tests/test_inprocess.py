@@ -102,9 +102,8 @@ PS_BUCKETS = (("signsgd_mv_buckets", {"name": "signsgd_mv"}, "rank0"),
               ("dist_ef_blocksgdm_buckets", {"name": "dist_ef_blocksgdm"}, "rank0"))
 
 
-M4_DEFAULT = ("d_psgd", "dcd_psgd", "ecd_psgd", "dqpr_sgd", "d_pasgd", "easgd", "hierarchical",
-              "d_psgd_one_peer", "dcd_psgd_matcha", "psgd_buckets", "sgdm", "signum_mv_buckets",
-              "qsgd_rs")
+M4_DEFAULT = ("dcd_psgd", "easgd", "hierarchical", "d_psgd_one_peer", "dcd_psgd_matcha",
+              "psgd_buckets", "signum_mv_buckets", "qsgd_rs")
 
 
 def test_alg_configs_cover_every_algorithm():
