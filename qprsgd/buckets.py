@@ -21,10 +21,10 @@ gradient after backward).  Hooks off (``hooks=False``): every bucket is delivere
 off for ``run.device: cuda_host`` (the algorithm's gradient is a host copy made after
 backward).  On a GPU the loop runs backward on its own thread
 (``torch.autograd.set_multithreading_enabled(False)``; autograd would otherwise run the hooks
-on its device thread), so the hooks and the MPI calls they make stay on the main thread, and it
-makes each bucket's values final (a device wait) before the algorithm sees it.
-:attr:`GradBuckets.in_backward` says whether a delivery comes from a hook; :attr:`GradBuckets.hooked`
-counts those deliveries (tests check that overlap happened, not just that buckets were used).
+on its device thread), so the hooks and the MPI calls they make stay on the main thread; the
+``ready`` callback (a device wait, ``Placement.bucket_ready``) makes the buckets' values final
+before a hook delivers them.  :attr:`GradBuckets.hooked` counts the deliveries made from hooks
+(tests check that overlap happened, not just that buckets were used).
 """
 from __future__ import annotations
 
@@ -69,10 +69,12 @@ class GradBuckets:
     """Hooks on ``params`` (torch parameters, ``blocks`` their sizes, same order) that deliver
     the buckets of :func:`plan` during backward.  ``hooks=False``: no hooks: every bucket is
     delivered by :meth:`end`.  ``poke``: called at every hook (e.g. ``Transport.progress``, so
-    that the reductions already posted advance while backward computes)."""
+    that the reductions already posted advance while backward computes).  ``ready``: called by a
+    hook before it delivers buckets (once per delivery batch; not by :meth:`end`, which runs
+    after backward has finished)."""
 
     def __init__(self, params: Sequence, blocks: Sequence[int], cap_bytes: int, hooks: bool = True,
-                 poke: Optional[Callable[[], None]] = None):
+                 poke: Optional[Callable[[], None]] = None, ready: Optional[Callable[[], None]] = None):
         if len(params) != len(blocks):
             raise ValueError(f"params ({len(params)}) and blocks ({len(blocks)}) differ in length")
         self.ranges = plan(blocks, cap_bytes)
@@ -82,8 +84,8 @@ class GradBuckets:
                 self._owner[i] = b
         self._sizes = [len(m) for _, _, m in self.ranges]
         self._poke = poke
+        self._ready = ready
         self._cb: Optional[BucketFn] = None
-        self.in_backward = False     # True while a hook (not end()) is delivering
         self.hooked = 0              # buckets delivered from hooks, since construction
         self._handles = []
         if hooks and len(self.ranges) > 1:
@@ -99,12 +101,10 @@ class GradBuckets:
                 return
             b = self._owner[i]
             self._left[b] -= 1
-            if self._left[b] == 0:
-                self.in_backward = True
-                try:
-                    self.hooked += self._drain()
-                finally:
-                    self.in_backward = False
+            if self._left[b] == 0 and b == self._next:   # bucket b completes the next in order
+                if self._ready is not None:
+                    self._ready()
+                self.hooked += self._drain()
             if self._poke is not None:
                 self._poke()
         return hook

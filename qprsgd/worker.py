@@ -57,7 +57,8 @@ class Loop:
             for p in pokes:
                 p()
         self.buckets = GradBuckets(exp.flat.params, exp.flat.blocks, cap_bytes(exp.cfg.train.bucket_mb),
-                                   hooks=exp.bucket_hooks, poke=poke)
+                                   hooks=exp.bucket_hooks, poke=poke,
+                                   ready=exp.placement.bucket_ready)   # (GPU) accumulation has run
         if env.buckets and [(lo, hi) for lo, hi, _ in self.buckets.ranges] != list(env.buckets):
             raise RuntimeError("the loop's gradient buckets differ from env.buckets (experiment.build)")
 
@@ -109,13 +110,7 @@ class Loop:
             loss = lossf(out, yb)
             gbuf = e.placement.g        # the flat gradient, on the model's device
             if on_bucket is not None:
-                ready, buckets = e.placement.bucket_ready, self.buckets
-
-                def deliver(lo, hi):
-                    if buckets.in_backward:
-                        ready()         # (GPU) the bucket's accumulation has run
-                    on_bucket(gbuf, lo, hi)
-                self.buckets.begin(deliver)
+                self.buckets.begin(lambda lo, hi: on_bucket(gbuf, lo, hi))
             try:
                 # backward on this thread (a GPU's otherwise runs on autograd's device thread):
                 # the bucket hooks, and the MPI calls they make, stay on the main thread

@@ -397,7 +397,8 @@ def main() -> int:
         configs, one_bucket = {}, {}
         for m, p, x in combos:
             configs[m, p, x] = qprsgd_config(m, x, p, steps_for(m), data_dir, a.threads, bucket_mb)
-            one_bucket[m, p, x] = qprsgd_config(m, x, p, steps_for(m), data_dir, a.threads, 0.0)
+            if not a.no_hidden:
+                one_bucket[m, p, x] = qprsgd_config(m, x, p, steps_for(m), data_dir, a.threads, 0.0)
         for rep in range(a.reps):
             for m, p, x in combos:
                 key = (m, p, x)
