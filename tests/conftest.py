@@ -102,13 +102,18 @@ def final_params(h5_path) -> "np.ndarray":
 def _numba_kernels_compiled_once():
     """Compile every codec's numba kernels once (or load them from numba's on-disk cache), in this
     process, before any test starts: in a fresh clone the cache is empty, and the 2-4 ranks of
-    each early mpiexec test would otherwise all compile the same kernels at the same time."""
+    each early mpiexec test would otherwise all compile the same kernels at the same time.  Two
+    groups at once (tests/warm_numba.py), one in a subprocess: compiling holds one core."""
     from qprsgd.codecs.backends import numba_importable
     if not numba_importable():
         return
-    from qprsgd.registry import CODECS
+    from warm_numba import warm
 
-    params = {"topk": {"k": 8}, "randk": {"k": 8}, "bernoulli_p": {"p": 0.5}}
-    for name in CODECS.names():
-        for threads in (1, 2):
-            CODECS.get(name).factory(4096, None, threads=threads, **params.get(name, {})).warmup()
+    other = subprocess.Popen([sys.executable, str(ROOT / "tests" / "warm_numba.py"), "a"], env=mpi_env(),
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        warm("b")
+    finally:
+        out = other.communicate(timeout=600)[0]
+    if other.returncode != 0:
+        pytest.fail(f"tests/warm_numba.py a exited {other.returncode}:\n{out[-3000:]}")
